@@ -93,6 +93,29 @@ def load_models(pretrained, ctx):
     return tokenizer, text_encoder, vae, unet.to(ctx.device), noise_scheduler
 
 
+def add_lora(unet, rank):
+    """peft LoRA adapters of rank `rank` on the attention projections (alpha = rank, so scale 1)."""
+    from peft import LoraConfig
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+
+
+def load_checkpoint_unet(unet, folder):
+    """Put the weights of a training checkpoint (out_dir/checkpoints/step_N) into `unet`, a base UNet.
+
+    For evaluating a run part-way: full fine-tunes hold the whole UNet, LoRA runs their adapters."""
+    from safetensors.torch import load_file
+    with open(os.path.join(folder, "state.json")) as f:
+        rank = json.load(f)["config"].get("lora_rank", 0)
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    if rank:
+        from peft.utils import set_peft_model_state_dict
+        add_lora(unet, rank)
+        set_peft_model_state_dict(unet, state)
+    else:
+        unet.load_state_dict(state)
+    return unet
+
+
 def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True):
     """Make the UNet trainable (fully, or through LoRA adapters) and build its frozen reference.
 
@@ -101,10 +124,8 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
     - LoRA: the reference is the same module with its adapters disabled, so it costs no memory.
     """
     if lora_rank > 0:
-        from peft import LoraConfig
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+        add_lora(unet, lora_rank)
 
         def reference(x_t, t, emb):
             unet.disable_adapters()  # always the unwrapped module: a no-grad forward needs no DDP hooks
@@ -310,6 +331,13 @@ class Meter:
                 for k in keys if not k.endswith("@n")}
 
 
+def nanmean(values):
+    """Mean over the steps of a log window that have the metric: a class absent from a step's batch (KTO with
+    few images per step) reports NaN for that step, and must not blank the whole window."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def log(out_dir, record, bar=None):
     """One readable line (through tqdm so the bar stays intact) and one JSONL record in out_dir/log.jsonl."""
     def fmt(v):
@@ -377,7 +405,7 @@ def train_loop(args, ctx, model, unet, params, optimizer, micro_step, start_step
         done, last = step + 1, step + 1 == args.max_steps
         if done % args.log_every == 0 or last:
             elapsed = time.time() - t0
-            record = {"step": done, **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+            record = {"step": done, **{k: nanmean([w[k] for w in window]) for k in window[0]},
                       "grad_norm": torch.stack(norms).mean().item(), "lr": lr,  # host sync
                       f"{unit}/s": round(len(window) * args.global_batch / elapsed, 3)}
             if ctx.master:

@@ -136,6 +136,17 @@ def test_runs_log_and_load_in_diffusers(tiny_pipe_dir, likes, tmp_path, utility,
     assert pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
 
 
+def test_class_metrics_survive_steps_without_that_class(tiny_pipe_dir, likes, tmp_path):
+    """One image per step: every step lacks one class (NaN for it), yet the window's means are finite."""
+    out = tmp_path / "out"
+    train_kto.main(args_for(tiny_pipe_dir, likes, out, tmp_path / "cache", "--max_steps", "6", "--global_batch", "1",
+                            "--micro_batch", "1", "--log_every", "6", "--desirable_share", "0.5"))
+    (rec,) = records(out)
+    assert 0 < rec["desirable_share"] < 1  # both classes occur in the window, never in one step
+    for key in ["reward_d", "reward_u", "policy_err_d", "policy_err_u", "ref_err_d", "ref_err_u"]:
+        assert math.isfinite(rec[key]), key
+
+
 def test_clear_errors(tiny_pipe_dir, likes, tmp_path):
     import shutil
     only_liked = tmp_path / "only_liked"
