@@ -9,7 +9,8 @@ ties count half. Win rates come with a 95% Wilson score interval over prompts (a
 a success, which makes the interval slightly conservative). Mean scores are over all P x N images.
 
 A DIR may be a whole pipeline folder (full fine-tune), a folder with pytorch_lora_weights.safetensors
-(LoRA) or a bare UNet folder (config.json + diffusion_pytorch_model.safetensors).
+(LoRA), a bare UNet folder (config.json + diffusion_pytorch_model.safetensors) or a trainer checkpoint
+(OUT_DIR/checkpoints/step_N: model.safetensors + state.json), to follow a run part-way.
 Writes to --out: images/<model>/<prompt>_s<seed>.png (a rerun skips images already there),
 scores.json (every score), results.md (the tables, also printed) and grid.png (one row per prompt,
 one column per model, each cell the model's median image under the first scorer).
@@ -341,6 +342,8 @@ def model_kind(source):
         return "lora"
     if os.path.isfile(os.path.join(source, "config.json")):
         return "unet"  # a bare UNet folder: config.json + diffusion_pytorch_model.safetensors
+    if os.path.isfile(os.path.join(source, "model.safetensors")) and os.path.isfile(os.path.join(source, "state.json")):
+        return "checkpoint"  # a trainer checkpoint, out_dir/checkpoints/step_N: a run part-way
     return None
 
 
@@ -357,6 +360,9 @@ def load_pipeline(base, source, scheduler, device, dtype):
         pipe.load_lora_weights(source)
     elif kind == "unet":
         pipe.unet = UNet2DConditionModel.from_pretrained(source, dtype=dtype)
+    elif kind == "checkpoint":
+        from common import load_checkpoint_unet
+        load_checkpoint_unet(pipe.unet, source)
     return pipe.to(device)
 
 
@@ -467,7 +473,8 @@ def parse_models(specs):
             raise SystemExit(f"--model {name}={path}: no such folder")
         if model_kind(path) is None:
             raise SystemExit(f"--model {name}={path}: not a pipeline folder (model_index.json), a LoRA folder "
-                             "(pytorch_lora_weights.safetensors) or a UNet folder (config.json)")
+                             "(pytorch_lora_weights.safetensors), a UNet folder (config.json) or a trainer checkpoint "
+                             "(model.safetensors + state.json)")
         models[name] = os.path.abspath(path)
     return models
 

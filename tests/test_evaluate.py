@@ -230,6 +230,29 @@ def test_lora_and_unet_folders_load(tiny_pipe_dir, tmp_path):
     assert not torch.allclose(outputs["lora"], outputs["base"])
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_trainer_checkpoints_load(tiny_pipe_dir, tmp_path, rank):
+    """A run part-way: out_dir/checkpoints/step_N (full UNet or LoRA adapters) evaluates as that step's model."""
+    import common
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_pipe_dir, "unet"))
+    if rank:
+        common.add_lora(unet, rank)
+    params = [p for n, p in unet.named_parameters() if not rank or "lora" in n]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))  # a trained model: moved away from the base (and B from 0)
+    common.save_checkpoint(str(tmp_path), 3, unet, rank > 0, torch.optim.AdamW(params), {"lora_rank": rank})
+    folder = str(tmp_path / "checkpoints" / "step_0000003")
+    assert evaluate.model_kind(folder) == "checkpoint"
+    p = evaluate.load_pipeline(tiny_pipe_dir, folder, evaluate.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
+    base = evaluate.load_pipeline(tiny_pipe_dir, None, evaluate.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(p.unet(x, t, c).sample, unet(x, t, c).sample)
+        assert not torch.allclose(base.unet(x, t, c).sample, unet(x, t, c).sample)
+
+
 # ------------------------------------------------------------------------------------------------
 # the command line, end to end
 
