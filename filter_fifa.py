@@ -57,6 +57,7 @@ from tqdm import tqdm
 from data import decode, fail, parquet_files, save_atomic
 from evaluate import (PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, load_clip,
                       one_line)
+from toy.palette import redness
 
 REQUIRED = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
 CHUNK_ROWS = 1024  # pairs (or prompts) per cache file: the most scoring work an interruption can lose
@@ -155,9 +156,10 @@ def chunks(files, groups, wanted, columns=None):
 # ------------------------------------------------------------------------------------------------
 # margin: the proxy reward of both images of every pair
 
-def score_pairs(files, groups, need, pid, text_emb, clip, cache, batch_size):
+def score_pairs(files, groups, need, pid, load_reward, cache):
     """R(c, x_0), R(c, x_1) of every pair in `need`: (N, 2) float32, NaN where unscored or corrupt.
 
+    load_reward() -> reward(images, pids): the proxy, loaded on first use (clip_reward, redness_reward).
     Cached in chunks of at most CHUNK_ROWS pairs (read_chunks): a killed run resumes at the first
     missing chunk. Returns (scores, pairs scored now).
     """
@@ -168,26 +170,24 @@ def score_pairs(files, groups, need, pid, text_emb, clip, cache, batch_size):
     todo = need & ~done
     if not todo.any():
         return scores, 0
-    model, proc = clip()
-    scale = model.logit_scale.exp().float().item()  # PickScore: 100, so SD1.5 images score ~20-22
+    reward = load_reward()
     bar = tqdm(total=int(todo.sum()), desc="reward", unit="pair")
     for start, batch in chunks(files, groups, todo, columns=["jpg_0", "jpg_1"]):
         rows = slice(start, start + batch.num_rows)
-        scores[rows] = score_chunk(batch, need[rows], pid[rows], text_emb, model, proc, scale, batch_size)
+        scores[rows] = score_chunk(batch, need[rows], pid[rows], reward, reward.pairs_per_call)
         save_chunk(cache, "scores", start, scores[rows])
         bar.update(int(todo[rows].sum()))
     bar.close()
     return scores, int(todo.sum())
 
 
-def score_chunk(batch, need, pid, text_emb, model, proc, scale, batch_size):
+def score_chunk(batch, need, pid, reward, per):
     """(rows, 2) proxy rewards of one chunk; NaN for rows not needed or with an undecodable image."""
     out = np.full((batch.num_rows, 2), np.nan, np.float32)
     jpg0, jpg1 = batch.column("jpg_0").to_pylist(), batch.column("jpg_1").to_pylist()
     image = lambda v: decode(v.get("bytes") if isinstance(v, dict) else v)  # JPEG bytes or an image struct
     rows = np.flatnonzero(need)
-    per = max(1, batch_size // 2)  # pairs per forward; decode just before it to bound memory
-    for s in range(0, len(rows), per):
+    for s in range(0, len(rows), per):  # `per` pairs per call; decode just before it to bound memory
         ok, images = [], []
         for r in rows[s:s + per]:
             pair = image(jpg0[r]), image(jpg1[r])
@@ -195,10 +195,31 @@ def score_chunk(batch, need, pid, text_emb, model, proc, scale, batch_size):
                 ok.append(r)
                 images += pair
         if ok:
-            img = clip_image_embeddings(model, proc, images, batch_size).view(len(ok), 2, -1)  # (P, 2, d)
-            txt = text_emb[torch.from_numpy(pid[ok])]  # (P, d), computed once per unique prompt
-            out[ok] = (scale * (img * txt[:, None]).sum(-1)).numpy()  # (P, 2) = evaluate.clip_scores
+            out[ok] = reward(images, pid[ok])  # (P, 2)
     return out
+
+
+def clip_reward(model, proc, text_emb, batch_size):
+    """The PickScore recipe as a proxy reward: logit_scale.exp() * cos(image, prompt) (= evaluate.clip_scores).
+
+    reward(images, pids) -> (P, 2): images holds each pair's two images in turn, pids the (P,) prompt
+    of each pair, whose text embedding is computed once per unique prompt."""
+    scale = model.logit_scale.exp().float().item()  # PickScore: 100, so SD1.5 images score ~20-22
+
+    def reward(images, pids):
+        img = clip_image_embeddings(model, proc, images, batch_size).view(len(pids), 2, -1)  # (P, 2, d)
+        return (scale * (img * text_emb[torch.from_numpy(pids)][:, None]).sum(-1)).numpy()  # (P, 2)
+    reward.pairs_per_call = max(1, batch_size // 2)
+    return reward
+
+
+def redness_reward(images, pids):
+    """The toy world's red user as the proxy reward (--reward_model redness): toy.palette.redness of each
+    image, the prompt unused. The user's own reward, so the margins are exact, as PickScore's are not."""
+    return np.array([redness(im) for im in images], np.float32).reshape(len(pids), 2)
+
+
+redness_reward.pairs_per_call = CHUNK_ROWS
 
 
 def text_embeddings(prompts, clip, cache, batch_size):
@@ -407,7 +428,9 @@ def main(argv=None):
     p.add_argument("--max_per_prompt", type=int, default=2, help="at most this many kept pairs per prompt; 0 = no cap")
     p.add_argument("--knn", type=int, default=5, help="k of the k-th nearest neighbour distance rho_k (>= 1)")
     p.add_argument("--rho_floor", type=float, default=0.01, help="floor of rho_k, a distance between unit vectors (0-2)")
-    p.add_argument("--reward_model", default=PICKSCORE_MODEL, help="proxy reward: a CLIP hub id or folder")
+    p.add_argument("--reward_model", default=PICKSCORE_MODEL,
+                   help="proxy reward: a CLIP hub id or folder, or 'redness' (the toy world's red user, no model; "
+                        "diversity then needs --embed_model or --gamma 0)")
     p.add_argument("--reward_processor", default=PICKSCORE_PROCESSOR,
                    help="its processor: a hub id or folder; '' = the model's own")
     p.add_argument("--embed_model", default="", help="CLIP whose text tower embeds prompts for diversity; '' = the reward model")
@@ -462,10 +485,16 @@ def main(argv=None):
                                args.batch_size)
 
     reward = (args.reward_model, args.reward_processor)
-    reward_text, embedded = text(*reward)
+    if args.reward_model == "redness":  # the toy world: the user's own reward, no text tower
+        if args.gamma and not args.embed_model:
+            fail("--reward_model redness has no text tower for the diversity term: pass --embed_model (a CLIP) or --gamma 0")
+        reward_text, embedded, load_reward = None, 0, lambda: redness_reward
+    else:
+        reward_text, embedded = text(*reward)
+        load_reward = lambda: clip_reward(*clip(*reward), reward_text, args.batch_size)
     key = fingerprint("reward", data_key, *map(model_identity, reward), str(dtype))
-    rewards, stats["pairs_scored"] = score_pairs(files, groups, need, pid, reward_text, lambda: clip(*reward),
-                                                 os.path.join(cache, f"reward-{key}"), args.batch_size)
+    rewards, stats["pairs_scored"] = score_pairs(files, groups, need, pid, load_reward,
+                                                 os.path.join(cache, f"reward-{key}"))
     corrupt = need & np.isnan(rewards).any(1)
     eligible = need & ~corrupt
     stats["corrupt"] = int(corrupt.sum())
@@ -486,12 +515,14 @@ def main(argv=None):
     embedder = (args.embed_model, "") if args.embed_model else reward
     emb, more = text(*embedder) if args.embed_model else (reward_text, 0)
     stats["prompts_embedded"] = embedded + more
-    # cached too: at Pick-a-Pic scale the k-NN takes about a minute, and reruns only change alpha/gamma/k
-    path = os.path.join(cache, "diversity-" + fingerprint(data_key, *map(model_identity, embedder), str(dtype),
-                                                           args.knn, args.rho_floor) + ".safetensors")
-    if not os.path.exists(path):
-        save_atomic({"log_rho": torch.from_numpy(knn_log_distance(emb, args.knn, args.rho_floor))}, path)
-    diversity = load_file(path)["log_rho"].numpy()
+    if emb is None:  # --reward_model redness with --gamma 0: no text embeddings, no diversity term
+        diversity = np.full(len(prompts), np.nan, np.float32)
+    else:  # cached too: at Pick-a-Pic scale the k-NN takes about a minute, and reruns only change alpha/gamma/k
+        path = os.path.join(cache, "diversity-" + fingerprint(data_key, *map(model_identity, embedder), str(dtype),
+                                                               args.knn, args.rho_floor) + ".safetensors")
+        if not os.path.exists(path):
+            save_atomic({"log_rho": torch.from_numpy(knn_log_distance(emb, args.knn, args.rho_floor))}, path)
+        diversity = load_file(path)["log_rho"].numpy()
 
     # --- select and write
     alpha = args.alpha if args.quality != "none" else 0.0
@@ -525,7 +556,8 @@ def main(argv=None):
     describe(f"margin ({args.margin})", margin[eligible], margin[kept])
     if args.quality != "none":
         describe("quality (0-10)", q_pair[eligible], q_pair[kept])
-    describe(f"diversity (log rho_{args.knn})", d_pair[eligible], d_pair[kept])
+    if emb is not None:
+        describe(f"diversity (log rho_{args.knn})", d_pair[eligible], d_pair[kept])
     return stats
 
 

@@ -259,3 +259,22 @@ def test_quality_without_chat_template_is_cached_per_prompt(tmp_path):
     assert rated == 2
     q, rated = filter_fifa.rate_prompts(["the sky", "a big dog", "a red circle"], lm, cache, "cpu", torch.float32, 4)
     assert rated == 1 and len(q) == 3  # only the new prompt
+
+
+def test_redness_reward_is_the_toy_users_own(data, tmp_path):
+    """--reward_model redness: no model, the margin is toy.palette.redness(winner) - redness(loser)."""
+    from toy.palette import redness
+    args = ["--data", data, "--reward_model", "redness", "--quality", "none", "--max_per_prompt", "0"]
+    with pytest.raises(SystemExit, match="--reward_model redness has no text tower"):
+        main(args + ["--out", str(tmp_path / "o.parquet")])  # diversity needs --embed_model or --gamma 0
+    stats = main(args + ["--out", str(tmp_path / "all.parquet"), "--gamma", "0", "--k", "14"])
+    assert (stats["kept"], stats["pairs_scored"], stats["prompts_embedded"]) == (14, 15, 0)
+    t = pq.read_table(tmp_path / "all.parquet").to_pydict()
+    for i in range(14):
+        r = [redness(Image.open(io.BytesIO(t[f"jpg_{j}"][i]))) for j in (0, 1)]
+        w = 0 if t["label_0"][i] == 1.0 else 1
+        assert t["fifa_margin"][i] == pytest.approx(r[w] - r[1 - w], abs=1e-5)
+    top = main(args + ["--out", str(tmp_path / "top.parquet"), "--gamma", "0", "--k", "5"])
+    assert top["pairs_scored"] == 0  # from the cache
+    kept = pq.read_table(tmp_path / "top.parquet").column("fifa_margin").to_pylist()
+    assert sorted(kept) == sorted(t["fifa_margin"])[-5:]
