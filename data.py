@@ -462,6 +462,8 @@ def singles_from_entries(fb, entries):
         if not os.path.isfile(p):
             fb.skip("missing file"); continue
         caption = caption.strip() if isinstance(caption, str) and caption.strip() else caption_beside(p)
+        if caption is UNREADABLE:
+            fb.skip("unreadable image"); continue  # the same reason the cache gives a corrupt image
         if not caption:
             fb.skip("no caption"); continue
         cap.append(cap_id.setdefault(caption, len(cap_id)))
@@ -520,6 +522,9 @@ def singles_from_class_folders(path, folders):
     return singles_from_entries(fb, entries)
 
 
+UNREADABLE = object()  # caption_beside's answer for a file PIL cannot open: counted as unreadable, not captionless
+
+
 def caption_beside(p):
     """The caption of an image that has none in metadata: a .txt file with the same stem (the convention of
     most fine-tuning tools), else the prompt that the SD front end which made the image wrote into it:
@@ -537,8 +542,8 @@ def caption_beside(p):
         with Image.open(p) as img:  # reads the header and the text chunks before the pixels, not the pixels
             info = dict(img.info)
             comment = img.getexif().get_ifd(0x8769).get(0x9286) if img.format in ("JPEG", "WEBP") else None
-    except Exception:
-        return None  # unreadable: skipped as "no caption"
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for a file that is not a readable image
+        return UNREADABLE
     if isinstance(comment, bytes):  # an 8-byte charset header, then the text (A1111 writes UTF-16BE)
         info.setdefault("parameters", comment[8:].decode("utf-16-be" if comment.startswith(b"UNICODE") else "utf-8", "ignore"))
     if isinstance(info.get("parameters"), str):

@@ -62,6 +62,7 @@ def test_class_folders_with_txt_and_embedded_prompts(tmp_path):
     save(root / "disliked" / ".ipynb_checkpoints" / "copy.png")
     (root / "disliked" / "notes.txt").write_text("not an image")
     save(root / "loose.png")  # outside both class folders
+    (root / "disliked" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # corrupt, no caption file
 
     fb = data.load_singles(str(root))
     assert by_name(fb) == {
@@ -72,7 +73,7 @@ def test_class_folders_with_txt_and_embedded_prompts(tmp_path):
         "exif.jpeg": ("a jpeg from a1111", -1),
         "w.WEBP": ("a webp", -1),
     }
-    assert fb.skipped == {"no caption": 1, "image outside liked/ and disliked/ (no label)": 1}
+    assert fb.skipped == {"no caption": 1, "unreadable image": 1, "image outside liked/ and disliked/ (no label)": 1}
     assert fb.num_images == len(fb) == 6
     summary = fb.summary("images")
     assert "4 desirable, 2 undesirable" in summary and "no caption: 1" in summary
