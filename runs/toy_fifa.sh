@@ -40,11 +40,13 @@ python filter_fifa.py --data "$OUT/pairs.parquet" --out "$OUT/fifa.parquet" --k 
 common="--pretrained $BASE --resolution 32 --global_batch 16 --micro_batch 16 --max_steps $STEPS --lr 1e-6
         --warmup_steps 20 --beta 5000 --val_every -1 --save_every $EVERY --keep_checkpoints 1000 --log_every 50
         --cache_dir $OUT/cache"
+pids=()
 for d in full fifa random; do
     data="$OUT/$d.parquet"; [ "$d" = full ] && data="$OUT/pairs.parquet"
     python train_dpo.py --data "$data" --out_dir "$OUT/$d" $common > "$OUT/$d.log" 2>&1 &
+    pids+=($!)
 done
-wait -n && wait -n && wait -n || { echo "a DPO run failed: see $OUT/{full,fifa,random}.log"; exit 1; }
+wait ${pids[0]} && wait ${pids[1]} && wait ${pids[2]} || { echo "a DPO run failed: see $OUT/{full,fifa,random}.log"; exit 1; }
 
 models=()
 for step in $(seq "$EVERY" "$EVERY" "$STEPS"); do

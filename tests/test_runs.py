@@ -39,6 +39,29 @@ def test_table_rows_match_hand_computation(tmp_path):
     assert "| red |" in (tmp_path / "eval" / "toy_table.md").read_text()
 
 
+def test_runs_of_one_method_make_one_row_with_their_spread(tmp_path):
+    base_red = [[0.0, 0.1], [0.0, 0.2]]
+    acc = [[1, 1], [1, 1]]
+    folder = write_scores(tmp_path / "eval", ["a red circle", "a blue star"],
+                          {"base": {"redness": base_red, "color_acc": acc},
+                           "kto_s0": {"redness": [[0.2, 0.2], [0.2, 0.2]], "color_acc": [[1, 0], [1, 1]]},
+                           "kto_s1": {"redness": [[0.0, 0.0], [0.0, 0.0]], "color_acc": [[1, 1], [1, 1]]},
+                           "dpo_s0": {"redness": base_red, "color_acc": acc}})
+    rows = {r["model"]: r for r in toy_table.main([folder])}
+    assert set(rows) == {"base", "kto", "dpo"}
+    kto = rows["kto"]
+    assert kto["runs"] == 2 and kto["redness"] == pytest.approx(0.1)
+    assert (kto["redness_min"], kto["redness_max"]) == (0.0, 0.2)
+    assert kto["color_acc"] == pytest.approx((0.75 + 1.0) / 2) and kto["color_acc_min"] == 0.75
+    # the base's median images (the lower of two) score 0.0 on both prompts: s0 wins both, s1 ties both (half)
+    assert kto["win_redness_rate"] == pytest.approx(0.75)
+    assert (kto["win_redness_rate_min"], kto["win_redness_rate_max"]) == (0.5, 1.0)
+    table = (tmp_path / "eval" / "toy_table.md").read_text()
+    assert "| kto (2 runs) | 0.1000 (0.0000 to 0.2000) |" in table and "| dpo | -0.0" not in table
+    assert "| dpo | 0.0750 | 50% | 100% | 50% (9-91) |" in table  # one run: as it is, with its interval
+    assert "| kto_s1 | 0.0000 |" in (tmp_path / "eval" / "toy_runs.md").read_text()
+
+
 def test_noisy_pairs_follow_the_users_reward(tmp_path):
     feedback = tmp_path / "feedback"
     (feedback / "kto" / "disliked").mkdir(parents=True)
