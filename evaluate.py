@@ -47,20 +47,27 @@ def one_line(e):
 # ------------------------------------------------------------------------------------------------
 # generation
 
-def generate_each(pipe, jobs, steps=50, guidance=7.5, resolution=None, batch_size=8, desc="generate", progress=True):
-    """Yield the image of each (prompt, seed) in jobs, in order, one pipeline call per batch.
+def generate_batch(pipe, batch, steps=50, guidance=7.5, resolution=None):
+    """The images of a list of (prompt, seed), in one pipeline call.
 
-    Each image gets its own CPU generator seeded with its seed, so it depends only on its prompt and
-    seed, never on the batch it was made in (diffusers draws each image's initial latent from its own
-    generator). One bar over all batches replaces the pipeline's own bar, which stays off after.
+    Each image gets its own CPU generator seeded with its seed, so its initial latent depends only on its
+    seed (diffusers draws each image's latent from its own generator). The rest of sampling is batched
+    math, whose rounding may depend on the batch (measured on one CPU: a regenerated image differed from
+    the original in a few pixel values when made in a smaller batch). Callers that must reproduce an image
+    exactly therefore make it again in the same batch: see main()'s fixed batches.
     """
     size = dict(height=resolution, width=resolution) if resolution else {}
+    return pipe(prompt=[p for p, _ in batch], num_inference_steps=steps, guidance_scale=guidance,
+                generator=[torch.Generator(device="cpu").manual_seed(int(s)) for _, s in batch],
+                output_type="pil", **size).images
+
+
+def generate_each(pipe, jobs, steps=50, guidance=7.5, resolution=None, batch_size=8, desc="generate", progress=True):
+    """Yield the image of each (prompt, seed) in jobs, in order, one pipeline call per batch of batch_size.
+    One bar over all batches replaces the pipeline's own bar, which stays off after."""
     pipe.set_progress_bar_config(disable=True)
     for start in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress):
-        batch = jobs[start:start + batch_size]
-        yield from pipe(prompt=[p for p, _ in batch], num_inference_steps=steps, guidance_scale=guidance,
-                        generator=[torch.Generator(device="cpu").manual_seed(int(s)) for _, s in batch],
-                        output_type="pil", **size).images
+        yield from generate_batch(pipe, jobs[start:start + batch_size], steps, guidance, resolution)
 
 
 def generate(pipe, prompts, seeds, steps=50, guidance=7.5, resolution=None, batch_size=8, progress=True):
@@ -442,7 +449,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the pipeline's)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="images per pipeline call; a rerun must keep it to reuse images (rounding may depend on it)")
     p.add_argument("--scorers", default="pickscore,clip,aesthetic,hpsv2,imagereward",
                    help=f"comma-separated, from {', '.join(SCORERS)}; the first picks the grid's images")
     p.add_argument("--pickscore_model", default=PICKSCORE_MODEL, help="PickScore: hub id or folder")
@@ -489,7 +497,8 @@ def check_resume(out, run):
         with open(path) as f:
             old = json.load(f)
         k = min(len(old["prompts"]), len(run["prompts"]))
-        changed = [k for k in ("pretrained", "scheduler", "steps", "guidance", "resolution") if old[k] != run[k]]
+        changed = [k for k in ("pretrained", "scheduler", "steps", "guidance", "resolution", "batch_size")
+                   if old.get(k, run[k]) != run[k]]  # the batch, too: rounding may depend on it (generate_batch)
         changed += ["prompts"] * (old["prompts"][:k] != run["prompts"][:k])
         changed += [f"model {m}" for m, src in old["models"].items() if run["models"].get(m, src) != src]
         if changed:
@@ -530,21 +539,27 @@ def main(argv=None):
     scorers = load_scorers([s.strip() for s in args.scorers.split(",") if s.strip()], args, device)
     scheduler = load_scheduler(args.pretrained)
     check_resume(args.out, dict(pretrained=args.pretrained, scheduler=type(scheduler).__name__, steps=args.steps,
-                                guidance=args.guidance, resolution=args.resolution, prompts=prompts, models=models))
+                                guidance=args.guidance, resolution=args.resolution, batch_size=args.batch_size,
+                                prompts=prompts, models=models))
     image_path = lambda m, i, seed: os.path.join(args.out, "images", m, f"{i:05d}_s{seed}.png")
 
-    # --- generate what is not on disk yet
+    # --- generate what is not on disk yet, always in the same batches (prompt-major, --batch_size each), so
+    # that an image regenerated after an interruption is the image an uninterrupted run makes
+    jobs = [(i, s) for i in range(P) for s in seeds]
+    batches = [jobs[k:k + args.batch_size] for k in range(0, len(jobs), args.batch_size)]
     for name in names:
-        todo = [(i, s) for i in range(P) for s in seeds if not os.path.exists(image_path(name, i, s))]
+        todo = [b for b in batches if not all(os.path.exists(image_path(name, i, s)) for i, s in b)]
         if not todo:
             print(f"{name}: all {P * N} images already on disk")
             continue
         pipe = load_pipeline(args.pretrained, models[name] if name != "base" else None, scheduler, device, dtype)
-        images = generate_each(pipe, [(prompts[i], s) for i, s in todo], args.steps, args.guidance, args.resolution,
-                               args.batch_size, desc=f"generate {name}")
-        for (i, seed), image in zip(todo, images):  # saved as each batch comes: a killed run loses one batch
-            save_png(image, image_path(name, i, seed))
-        del pipe, images  # freed before the next model loads: one pipeline in memory at a time
+        pipe.set_progress_bar_config(disable=True)
+        for batch in tqdm(todo, desc=f"generate {name}"):  # saved batch by batch: a killed run loses one batch
+            images = generate_batch(pipe, [(prompts[i], s) for i, s in batch], args.steps, args.guidance, args.resolution)
+            for (i, seed), image in zip(batch, images):
+                if not os.path.exists(image_path(name, i, seed)):  # what is on disk stays as it is
+                    save_png(image, image_path(name, i, seed))
+        del pipe  # freed before the next model loads: one pipeline in memory at a time
 
     # --- score: every model's images in the same batches, so identical images get identical scores
     jobs = [(i, j) for i in range(P) for j in range(N)]
