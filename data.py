@@ -61,7 +61,11 @@ class Feedback:
     def summary(self, what="pairs"):
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         labels = f"; {self.label_counts()}" if self.label is not None else ""
-        return f"{len(self)} {what} over {len(self.captions)} captions and {self.num_images} images from {self.source}; skipped {skipped}{labels}"
+        # captions and images that the kept rows use (a skipped row's caption or image is not counted)
+        used = [a for a in (self.winner, self.loser, self.image) if a is not None]
+        images = len(np.unique(np.concatenate(used))) if used else 0
+        captions = len(np.unique(self.caption_idx)) if self.caption_idx is not None else 0
+        return f"{len(self)} {what} over {captions} captions and {images} images from {self.source}; skipped {skipped}{labels}"
 
     def label_counts(self):
         """Single images: "D desirable, U undesirable" and the load-time notes (e.g. images only ever tied)."""

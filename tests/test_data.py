@@ -288,3 +288,11 @@ def test_load_pairs_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"caption": "x", "chosen": "a.png"}) + "\n")
     with pytest.raises(SystemExit, match="bad.jsonl:1: expected a JSON object with caption, chosen, rejected"):
         data.load_pairs(str(tmp_path / "bad.jsonl"))
+
+
+def test_summary_counts_only_what_the_kept_rows_use():
+    fb = data.Feedback(captions=["a", "b", "c"], paths=[f"{i}.png" for i in range(6)], source="test",
+                       caption_idx=np.array([0, 1, 2]), winner=np.array([0, 2, 4]), loser=np.array([1, 3, 5]))
+    assert fb.summary().startswith("3 pairs over 3 captions and 6 images")
+    fb.keep([True, True, False], "unreadable image")  # the only pair of caption "c", images 4 and 5
+    assert fb.summary().startswith("2 pairs over 2 captions and 4 images from test; skipped unreadable image: 1")
