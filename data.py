@@ -10,6 +10,7 @@ The cache (see build_cache) holds everything that does not change during trainin
 of every image (and of its mirror image) and the text embedding of every caption. Training then never
 runs the VAE or the text encoder.
 """
+import fnmatch
 import glob
 import hashlib
 import io
@@ -87,21 +88,34 @@ class Feedback:
 PICKAPIC_META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid"]
 
 
+def hub_split_patterns(split):
+    """File patterns of one split in a hub dataset repo: the parquet export's data/train-00000-of-00645-*.parquet
+    (Pick-a-Pic v2's layout: test-* does not match test_unique-*), or a folder per split."""
+    return [f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet"]
+
+
 def parquet_files(path):
-    """A parquet file, a folder of them, a glob, or a hub dataset id (downloaded when reachable)."""
+    """A parquet file, a folder of them, a glob, or a hub dataset id with an optional split, `ID:SPLIT`
+    (default train; downloaded when reachable, that split's files only)."""
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
     elif any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path, recursive=True))
     elif os.path.exists(path):
         files = [path]
-    elif path.count("/") == 1 and not path.endswith(".parquet"):
+    elif path.split(":")[0].count("/") == 1 and not path.endswith(".parquet"):
+        repo, _, split = path.partition(":")
+        patterns = hub_split_patterns(split or "train")
         try:  # a hub dataset id, e.g. a Pick-a-Pic v2 mirror; needs network and access rights
             from huggingface_hub import snapshot_download
-            local = snapshot_download(path, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"])
+            local = snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
         except Exception as e:
             fail(f"{path} is not a local file and could not be downloaded from the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        return parquet_files(local)
+        # the local snapshot may also hold other splits downloaded before: keep this split's files
+        found = sorted(glob.glob(os.path.join(local, "**", "*.parquet"), recursive=True))
+        files = [f for f in found if any(fnmatch.fnmatch(os.path.relpath(f, local), p) for p in patterns)]
+        if not files:
+            fail(f"no .parquet files of split {split or 'train'!r} in hub dataset {repo} (looked for {', '.join(patterns)})")
     else:
         fail(f"data not found: {path}")
     if not files:

@@ -418,7 +418,8 @@ def describe(name, every, kept):
 def main(argv=None):
     p = argparse.ArgumentParser(description="FiFA: keep the K most informative Pick-a-Pic pairs for Diffusion-DPO.")
     p.add_argument("--data", required=True,
-                   help="Pick-a-Pic v2 parquet: a file, a folder (searched recursively), a glob or a hub dataset id")
+                   help="Pick-a-Pic v2 parquet: a file, a folder (searched recursively), a glob or a hub dataset id "
+                        "(its train split; ID:SPLIT for another)")
     p.add_argument("--out", required=True, help="output parquet: the kept rows, input columns plus fifa_* columns")
     p.add_argument("--k", type=int, default=5000, help="pairs to keep (paper: ~5,000, under 0.5%% of Pick-a-Pic v2)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of prompt quality, in std per std of margin; 0 = off")

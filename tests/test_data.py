@@ -5,6 +5,7 @@ and the pair (DPO) loaders. No models; a few seconds.
 """
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -296,3 +297,33 @@ def test_summary_counts_only_what_the_kept_rows_use():
     assert fb.summary().startswith("3 pairs over 3 captions and 6 images")
     fb.keep([True, True, False], "unreadable image")  # the only pair of caption "c", images 4 and 5
     assert fb.summary().startswith("2 pairs over 2 captions and 4 images from test; skipped unreadable image: 1")
+
+
+def test_hub_id_takes_one_split(tmp_path, monkeypatch):
+    """A hub dataset id reads its train split (or ID:SPLIT), even where the local snapshot holds others too."""
+    import huggingface_hub
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "data").mkdir(parents=True)
+    names = ["train-00000-of-00002-ab.parquet", "train-00001-of-00002-cd.parquet", "test-00000-of-00001-ef.parquet",
+             "test_unique-00000-of-00001-gh.parquet", "validation-00000-of-00001-ij.parquet"]
+    for n in names:
+        (snapshot / "data" / n).write_bytes(b"")
+    asked = []
+
+    def fake_download(repo_id, repo_type, allow_patterns):
+        asked.append((repo_id, repo_type, allow_patterns))
+        return str(snapshot)  # as if every split were in the local cache already
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    files = [os.path.basename(f) for f in data.parquet_files("someone/pickapic_v2")]
+    assert files == names[:2] and asked[0][:2] == ("someone/pickapic_v2", "dataset")
+    assert "*/train-*.parquet" in asked[0][2]  # only the split's files are downloaded
+    assert [os.path.basename(f) for f in data.parquet_files("someone/pickapic_v2:test")] == [names[2]]
+    with pytest.raises(SystemExit, match="no .parquet files of split 'valid'"):
+        data.parquet_files("someone/pickapic_v2:valid")
+
+    def offline(**kwargs):
+        raise OSError("we are offline\nmore")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: offline())
+    with pytest.raises(SystemExit, match="could not be downloaded from the hub .*we are offline"):
+        data.parquet_files("someone/pickapic_v2")
