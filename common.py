@@ -482,11 +482,11 @@ def start(args, load_feedback, ok_mask, what):
     say(f"{ctx.world} process(es) on {ctx.device.type}; global batch {args.global_batch} {what} = {ctx.world} x micro-batch "
         f"{args.micro_batch} x {accum} accumulation steps; "
         + ("bf16 autocast, fp32 trainable weights, bf16 frozen models" if ctx.cuda else "fp32 (CPU)"))
-    os.makedirs(args.out_dir, exist_ok=True)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args.pretrained, ctx)
-    fb = load_feedback(args.data)
+    fb = load_feedback(args.data)  # before the models: a wrong data path should not wait for SD1.5 to load
     if len(fb) == 0:
         fail(f"no usable {what} in {args.data}: " + fb.summary(what))
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args.pretrained, ctx)
+    os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
     folder = build_cache(fb, args.cache_dir, vae, text_encoder, tokenizer, args.resolution, args.random_flip,
                          ctx.device, ctx.frozen_dtype, ctx.rank, ctx.world, barrier, args.strict, ctx.master)
     cache = LatentCache(folder)

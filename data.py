@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,7 +104,7 @@ def parquet_files(path):
         files = sorted(glob.glob(path, recursive=True))
     elif os.path.exists(path):
         files = [path]
-    elif path.split(":")[0].count("/") == 1 and not path.endswith(".parquet"):
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", path) and not path.startswith(".") and not path.endswith(".parquet"):
         repo, _, split = path.partition(":")
         patterns = hub_split_patterns(split or "train")
         try:  # a hub dataset id, e.g. a Pick-a-Pic v2 mirror; needs network and access rights

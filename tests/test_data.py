@@ -147,9 +147,13 @@ def test_metadata_errors(tmp_path):
         data.load_singles(str(tmp_path))
 
 
-def test_clear_errors_for_missing_or_empty_data(tmp_path):
+def test_clear_errors_for_missing_or_empty_data(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="data not found"):
         data.load_singles(str(tmp_path / "nope"))
+    monkeypatch.chdir(tmp_path)
+    for relative in ["my_likes/", "./my_likes", "likes/2024/", "x.parquet"]:  # folder-like: not a hub dataset id
+        with pytest.raises(SystemExit, match="data not found"):
+            data.load_singles(relative)
     save(tmp_path / "a.png")
     with pytest.raises(SystemExit, match="no liked/ or disliked/ subfolder, no metadata"):
         data.load_singles(str(tmp_path))

@@ -86,10 +86,14 @@ def test_clear_errors(tiny_pipe_dir, tmp_path):
         train_dpo.main(args_for(tiny_pipe_dir, ties_only, tmp_path / "o1", tmp_path / "c", "--max_steps", "1"))
     with pytest.raises(SystemExit, match="data not found"):
         train_dpo.main(args_for(tiny_pipe_dir, str(tmp_path / "nope.parquet"), tmp_path / "o2", tmp_path / "c", "--max_steps", "1"))
+    with pytest.raises(SystemExit, match="data not found"):  # the data is checked before a (slow) model load
+        train_dpo.main(args_for(str(tmp_path / "no_model"), str(tmp_path / "nope"), tmp_path / "o2", tmp_path / "c"))
+    assert not (tmp_path / "o2").exists()  # a run that could not start leaves no output folder
+    pairs = write_pickapic(str(tmp_path / "pairs.parquet"), n=2)
     with pytest.raises(SystemExit, match="model not found"):
-        train_dpo.main(args_for(str(tmp_path / "no_model"), ties_only, tmp_path / "o3", tmp_path / "c", "--max_steps", "1"))
+        train_dpo.main(args_for(str(tmp_path / "no_model"), pairs, tmp_path / "o3", tmp_path / "c", "--max_steps", "1"))
     with pytest.raises(SystemExit, match="cannot load a Stable Diffusion pipeline"):
-        train_dpo.main(args_for(str(tmp_path), ties_only, tmp_path / "o4", tmp_path / "c", "--max_steps", "1"))
+        train_dpo.main(args_for(str(tmp_path), pairs, tmp_path / "o4", tmp_path / "c", "--max_steps", "1"))
 
 
 def test_stale_cache_is_not_reused(tiny_pipe_dir, tmp_path):
