@@ -1,4 +1,4 @@
-"""Generate with fixed seeds and score like the papers do (PAPERS.md section 5).
+"""Generate with fixed seeds and score like the Diffusion-DPO and -KTO papers do.
 
     python evaluate.py --pretrained BASE --model A=DIR --model B=DIR --prompts FILE_OR_SET --n 5 --out DIR
 

@@ -6,7 +6,7 @@ FiFA maximises over subsets S of K pairs: the sum of preference margins + alpha 
 qualities + gamma * the entropy of S's prompt embeddings. Estimated once over the whole set
 (Kozachenko-Leonenko: H ~ d/N sum log rho_k + const), the objective is additive and S is the top K of
 
-    s_i = m_i + alpha * q(c_i) + gamma * log rho_k(c_i)                          (PAPERS.md section 3)
+    s_i = m_i + alpha * q(c_i) + gamma * log rho_k(c_i)                          (Yang et al., ICLR 2025)
 
   m_i    R(c_i, x_w) - R(c_i, x_l), R a proxy reward (PickScore: logit_scale.exp() * cos(image, text))
   q(c)   a small instruct LLM's expected 0-10 rating of the prompt, read from the next-token
@@ -104,7 +104,7 @@ def save_chunk(folder, key, start, values):
 
 
 # ------------------------------------------------------------------------------------------------
-# data: Pick-a-Pic v2 parquet (PAPERS.md section 4), files found by data.parquet_files
+# data: Pick-a-Pic v2 parquet (schema: README, "Data formats"), files found by data.parquet_files
 
 def read_index(files):
     """The small columns of every pair in file order, and the row-group sizes of each file."""

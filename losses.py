@@ -3,7 +3,7 @@
 Read this file first: it is the whole method. Every function takes per-sample tensors and returns
 a scalar loss plus a dict of detached metrics; nothing here knows about models, data or processes.
 
-Notation (PAPERS.md): x0 an image latent, c a prompt embedding, t ~ U{0..T-1}, eps ~ N(0, I),
+Notation (the papers'): x0 an image latent, c a prompt embedding, t ~ U{0..T-1}, eps ~ N(0, I),
 x_t = add_noise(x0, eps, t). The per-sample denoising error of a model m is
 
     e_m(x0, c) = mean over C,H,W of (m(x_t, t, c) - target)^2            (B,)

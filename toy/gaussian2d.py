@@ -1,4 +1,4 @@
-"""The 2-D experiment of Diffusion-KTO (Li et al. 2024, PAPERS.md section 2): which utility does what.
+"""The 2-D experiment of Diffusion-KTO (Li et al., NeurIPS 2024, arXiv 2404.04465): which utility does what.
 
 A small MLP diffusion model (DDPM, eps-prediction) is pretrained on N((0.5, 0.8), 0.04 I), then
 fine-tuned from that base, with a frozen copy of the base as the reference, by
@@ -34,7 +34,7 @@ within 0.1 of a mode is at most 39% for points drawn from that mode itself):
     the network learns to blow up its output. The paper's reading assumes a bounded log-likelihood
     ratio; the denoising error is not bounded above.
 
-    python -m toy.gaussian2d                        # 26 min on 2 busy shared cores, writes the PNG
+    python -m toy.gaussian2d                        # 31 s on an idle 2-core CPU, writes the PNG
     python -m toy.gaussian2d --finetune_steps 300   # quicker look
 """
 import argparse

