@@ -448,13 +448,13 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
     cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fifa_cache")
-    os.makedirs(cache, exist_ok=True)
 
     # --- data: the small columns only; images are read chunk by chunk when scored and when written
     files = parquet_files(args.data)
     if os.path.realpath(args.out) in {os.path.realpath(f) for f in files}:
         fail(f"--out {args.out} is one of the input files")
     table, groups = read_index(files)
+    os.makedirs(cache, exist_ok=True)  # not before: a wrong --data leaves no empty cache folder behind
     n = table.num_rows
     prompts, pid = index_prompts(table["caption"])
     l0 = table["label_0"].to_numpy().astype(np.float64)  # nulls become NaN: neither 1/0 nor 0/1

@@ -204,6 +204,9 @@ def test_bad_input_gives_clear_messages(data, clip_dir, tmp_path):
         run(ties, tmp_path / "o.parquet", clip_dir, "none")
     with pytest.raises(SystemExit, match=r"no \.parquet files in .*missing"):  # data.parquet_files' message
         run(str(tmp_path / "missing" / "*.parquet"), tmp_path / "o.parquet", clip_dir, "none")
+    with pytest.raises(SystemExit, match="data not found"):
+        run(str(tmp_path / "nowhere"), tmp_path / "new" / "o.parquet", clip_dir, "none")
+    assert not (tmp_path / "new").exists()  # no empty cache folder left beside the --out that was never written
 
 
 class Interrupted(Exception):
