@@ -128,7 +128,7 @@ def read_pickapic_index(path):
     """Read the small columns of Pick-a-Pic parquet files: one entry per pair, images per (file, row, column)."""
     import pyarrow.parquet as pq
     files = parquet_files(path)
-    captions, rows = {}, []
+    rows = []
     for fi, f in enumerate(files):
         try:
             schema = pq.read_schema(f)
@@ -151,7 +151,7 @@ def load_pairs(path):
         return load_pairs_jsonl(path)
     files, rows = read_pickapic_index(path)
     fb = Feedback(captions=[], parquet_files=files, source=path)
-    cap_id, file_, row_, col_, cap, win, lose, valid = {}, [], [], [], [], [], [], []
+    cap_id, file_, row_, col_, cap, win, lose = {}, [], [], [], [], [], []
     for fi, r, caption, l0, l1, _, _ in rows:
         if not caption or not str(caption).strip():
             fb.skip("no caption"); continue
