@@ -15,34 +15,22 @@ Writes to --out: images/<model>/<prompt>_s<seed>.png (a rerun skips images alrea
 scores.json (every score), results.md (the tables, also printed) and grid.png (one row per prompt,
 one column per model, each cell the model's median image under the first scorer).
 
-Importable too: the trainers use `generate` and `save_grid` for their validation grids, filter_fifa.py
-uses `load_clip`, `clip_image_embeddings`, `clip_text_embeddings` and the PickScore ids.
+The scorers themselves are in scorers.py. Importable too: the trainers use `generate` and `save_grid` for
+their validation grids.
 """
 import argparse
 import csv
-import functools
 import glob
-import importlib
 import json
 import math
 import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from toy.palette import caption_color, dominant_color, redness
-
-# PickScore's weights, and the processor its authors use with them (its own repo has none)
-PICKSCORE_MODEL, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-
-
-def one_line(e):
-    """An exception as one line for a SystemExit message: its type and the first line of its text."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-
+from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, SCORERS, load_scorers, one_line
 
 # ------------------------------------------------------------------------------------------------
 # generation
@@ -57,23 +45,17 @@ def generate_batch(pipe, batch, steps=50, guidance=7.5, resolution=None):
     exactly therefore make it again in the same batch: see main()'s fixed batches.
     """
     size = dict(height=resolution, width=resolution) if resolution else {}
+    pipe.set_progress_bar_config(disable=True)  # the callers' bars count batches
     return pipe(prompt=[p for p, _ in batch], num_inference_steps=steps, guidance_scale=guidance,
                 generator=[torch.Generator(device="cpu").manual_seed(int(s)) for _, s in batch],
                 output_type="pil", **size).images
 
 
-def generate_each(pipe, jobs, steps=50, guidance=7.5, resolution=None, batch_size=8, desc="generate", progress=True):
-    """Yield the image of each (prompt, seed) in jobs, in order, one pipeline call per batch of batch_size.
-    One bar over all batches replaces the pipeline's own bar, which stays off after."""
-    pipe.set_progress_bar_config(disable=True)
-    for start in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress):
-        yield from generate_batch(pipe, jobs[start:start + batch_size], steps, guidance, resolution)
-
-
 def generate(pipe, prompts, seeds, steps=50, guidance=7.5, resolution=None, batch_size=8, progress=True):
-    """Images for every (prompt, seed), as a list indexed [prompt][seed]."""
-    flat = list(generate_each(pipe, [(p, s) for p in prompts for s in seeds], steps, guidance, resolution,
-                              batch_size, progress=progress))
+    """Images for every (prompt, seed), as a list indexed [prompt][seed], batch_size images per call."""
+    jobs = [(p, s) for p in prompts for s in seeds]
+    flat = [image for k in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress)
+            for image in generate_batch(pipe, jobs[k:k + batch_size], steps, guidance, resolution)]
     return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
 
 
@@ -93,191 +75,6 @@ def save_grid(rows, path):
         for c, im in enumerate(row):
             grid.paste(im.convert("RGB"), (c * cell_w, r * cell_h))
     save_png(grid, path)
-
-
-# ------------------------------------------------------------------------------------------------
-# CLIP: shared by PickScore, CLIP score, the aesthetic predictor and filter_fifa.py
-
-def load_clip(model, processor=None, device="cpu", dtype=torch.float32):
-    """A transformers CLIPModel and its processor from a hub id or a local folder, in eval mode."""
-    from transformers import AutoProcessor, CLIPModel
-    processor = processor or model
-    for name in (model, processor):
-        # a path-like name that is not a folder is a typo, not a hub id: say so instead of querying the hub
-        if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise SystemExit(f"CLIP model or processor folder not found: {name}")
-    try:
-        clip = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval()
-        proc = AutoProcessor.from_pretrained(processor, backend="pil")  # PIL preprocessing: no torchvision
-    except Exception as e:  # offline, a missing repo, a folder without weights: one line, not a traceback
-        raise SystemExit(f"cannot load CLIP model {model!r} / processor {processor!r}: {one_line(e)}")
-    return clip, proc
-
-
-@torch.no_grad()
-def clip_image_embeddings(model, processor, images, batch_size=32):
-    """(N, d) float32, L2-normalised image embeddings (the projected pooled output)."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = processor(images=[im.convert("RGB") for im in images[start:start + batch_size]],
-                           return_tensors="pt")["pixel_values"]
-        # transformers 5: the feature getters return an output object; the projection is its pooler_output
-        emb = model.get_image_features(pixel_values=pixels.to(model.device, model.dtype)).pooler_output
-        out.append(F.normalize(emb.float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.config.projection_dim)
-
-
-@torch.no_grad()
-def clip_text_embeddings(model, processor, prompts, batch_size=256):
-    """(N, d) float32, L2-normalised text embeddings; prompts longer than 77 tokens are truncated."""
-    out = []
-    max_len = model.config.text_config.max_position_embeddings
-    for start in range(0, len(prompts), batch_size):
-        tok = processor(text=list(prompts[start:start + batch_size]), padding=True, truncation=True,
-                        max_length=max_len, return_tensors="pt")
-        emb = model.get_text_features(input_ids=tok["input_ids"].to(model.device),
-                                      attention_mask=tok["attention_mask"].to(model.device)).pooler_output
-        out.append(F.normalize(emb.float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.config.projection_dim)
-
-
-@torch.no_grad()
-def clip_scores(model, processor, images, prompts, batch_size=32):
-    """The PickScore recipe: logit_scale.exp() * cos(image, text), one score per (image, prompt) pair. (N,)
-
-    With PickScore_v1 logit_scale.exp() is 100, so SD1.5 images score about 20-22.
-    """
-    img = clip_image_embeddings(model, processor, images, batch_size)  # (N, d)
-    txt = clip_text_embeddings(model, processor, prompts, batch_size)  # (N, d)
-    return model.logit_scale.exp().float().cpu() * (img * txt).sum(-1)  # (N,)
-
-
-# ------------------------------------------------------------------------------------------------
-# scorers: each is loaded once, then score(images, prompts) -> (N,) numpy array per batch
-
-SCORERS = ["pickscore", "clip", "aesthetic", "hpsv2", "imagereward", "redness", "color_acc"]
-
-
-def load_weights(spec):
-    """A state dict from a local file or 'repo_id:filename' on the hub (downloaded once into the hub cache),
-    read safely: safetensors, or torch.load(weights_only=True), which refuses pickled code."""
-    path = spec
-    if not os.path.isfile(spec):
-        repo, _, filename = spec.partition(":")
-        if not filename:
-            raise SystemExit(f"weights file not found: {spec}")
-        from huggingface_hub import hf_hub_download
-        try:
-            path = hf_hub_download(repo, filename)
-        except Exception as e:
-            raise SystemExit(f"cannot download {filename} from {repo}: {type(e).__name__} (offline? pass a file)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path} is not a plain tensor checkpoint ({type(e).__name__}); not unpickling it")
-
-
-def optional_import(scorer, module, hint):
-    """The module, or None after one line saying why `scorer` is skipped and how to enable it."""
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or the package failing inside its own imports
-        print(f"{scorer}: skipped, {module} does not import ({one_line(e)}); {hint} to enable it")
-
-
-def aesthetic_mlp(dim=768):
-    """The LAION 'improved aesthetic predictor' head: 768-1024-128-64-16-1, trained on SAC+LOGOS+AVA ratings.
-
-    The original has NO activations between its linear layers (its ReLUs are commented out), so it is
-    one linear map in effect; the dropouts sit where the original has them so that the checkpoint's
-    keys (layers.0, layers.2, layers.4, layers.6, layers.7) line up. They do nothing in eval mode.
-    """
-    return torch.nn.Sequential(
-        torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)).eval()
-
-
-def load_scorer(name, args, device, clip):
-    """The score function of one scorer, or None (with a printed reason) when its optional package is missing."""
-    if name == "pickscore":
-        # PickScore (Kirstain et al. 2023): CLIP-H fine-tuned on Pick-a-Pic preferences;
-        # logit_scale.exp() * cos(image, prompt), logit_scale.exp() = 100, so SD1.5 scores ~20-22
-        model, processor = clip(args.pickscore_model, args.pickscore_processor)
-        return lambda images, prompts: clip_scores(model, processor, images, prompts).numpy()
-    if name == "clip":
-        # CLIP score (Hessel et al. 2021): 100 * max(cos(image, prompt), 0) with OpenAI CLIP ViT-L/14
-        model, processor = clip(args.clip_model, None)
-
-        def clip_score(images, prompts):
-            img, txt = clip_image_embeddings(model, processor, images), clip_text_embeddings(model, processor, prompts)
-            return (100.0 * (img * txt).sum(-1).clamp(min=0)).numpy()
-        return clip_score
-    if name == "aesthetic":
-        # LAION aesthetic predictor v2: MLP(L2-normalised CLIP ViT-L/14 image embedding), ~1-10, SD1.5 ~5.3-5.7;
-        # the prompt is not used. The weights are the public checkpoint (also mirrored by TRL's DDPO example).
-        model, processor = clip(args.aesthetic_clip, None)
-        state = load_weights(args.aesthetic_weights)
-        state = {k.removeprefix("layers."): v for k, v in state.items()}  # the original wraps the Sequential
-        mlp = aesthetic_mlp(state["0.weight"].shape[1])  # 768 for ViT-L/14; smaller for the tests' tiny CLIP
-        mlp.load_state_dict(state)
-        mlp.to(device).requires_grad_(False)  # scoring only: no autograd graph
-
-        def aesthetic(images, prompts):
-            emb = clip_image_embeddings(model, processor, images)  # (N, d), already normalised
-            return mlp(emb.to(device)).squeeze(-1).cpu().numpy()
-        return aesthetic
-    if name == "hpsv2":
-        # HPSv2.1 (Wu et al. 2023): OpenCLIP ViT-H-14 fine-tuned on HPD v2, cos(image, prompt) ~0.25-0.30. As in
-        # the official img_score.py: the model's own validation transform and tokenizer, the checkpoint's
-        # 'state_dict' over a randomly initialised ViT-H-14 (no second download of the LAION weights).
-        open_clip = optional_import("hpsv2", "open_clip", "`pip install open_clip_torch` (it needs torchvision)")
-        if open_clip is None:
-            return None
-        model, _, preprocess = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None, device=device)
-        state = load_weights(args.hpsv2_weights)
-        model.load_state_dict(state.get("state_dict", state))
-        model.eval().requires_grad_(False)
-        tokenizer = open_clip.get_tokenizer("ViT-H-14")
-
-        def hpsv2(images, prompts):
-            pixels = torch.stack([preprocess(im.convert("RGB")) for im in images]).to(device)
-            img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-            txt = F.normalize(model.encode_text(tokenizer(list(prompts)).to(device)).float(), dim=-1)
-            return (img * txt).sum(-1).cpu().numpy()
-        return hpsv2
-    if name == "imagereward":
-        # ImageReward (Xu et al. 2023): a BLIP-based reward model from its own package, which pins an old
-        # transformers and breaks on transformers 5
-        ImageReward = optional_import("imagereward", "ImageReward",
-                                      "`pip install image-reward` in an environment with transformers<5")
-        if ImageReward is None:
-            return None
-        model = ImageReward.load(args.imagereward_model, device=str(device))
-        return lambda images, prompts: np.array([float(model.score(p, im)) for im, p in zip(images, prompts)])
-    if name == "redness":
-        # the toy world's red user (KTO paper, appendix C): mean of the red channel minus the mean over channels
-        return lambda images, prompts: np.array([redness(im) for im in images])
-    # color_acc, the toy world's caption accuracy: 1 if the image's dominant color is the caption's color,
-    # else 0; nan when the caption names no color, so that such prompts are left out of its mean and win rates
-    return lambda images, prompts: np.array([float(dominant_color(im) == caption_color(p)) if caption_color(p)
-                                             else float("nan") for im, p in zip(images, prompts)])
-
-
-def load_scorers(names, args, device):
-    """{name: score function} in the order asked; optional scorers whose package is missing are left out."""
-    unknown = [n for n in names if n not in SCORERS]
-    if unknown:
-        raise SystemExit(f"unknown scorer(s) {unknown}; choose from {SCORERS}")
-    # CLIP score and the aesthetic predictor share ViT-L/14: each (model, processor) is loaded once
-    clip = functools.lru_cache(maxsize=None)(lambda model, processor: load_clip(model, processor, device))
-    scorers = {n: load_scorer(n, args, device, clip) for n in names}
-    scorers = {n: fn for n, fn in scorers.items() if fn is not None}
-    if not scorers:
-        raise SystemExit("no scorer could be loaded (see the messages above)")
-    return scorers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,7 +350,6 @@ def main(argv=None):
             print(f"{name}: all {P * N} images already on disk")
             continue
         pipe = load_pipeline(args.pretrained, models[name] if name != "base" else None, scheduler, device, dtype)
-        pipe.set_progress_bar_config(disable=True)
         for batch in tqdm(todo, desc=f"generate {name}"):  # saved batch by batch: a killed run loses one batch
             images = generate_batch(pipe, [(prompts[i], s) for i, s in batch], args.steps, args.guidance, args.resolution)
             for (i, seed), image in zip(batch, images):

@@ -55,7 +55,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from data import decode, fail, parquet_files, save_atomic
-from evaluate import (PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, load_clip,
+from scorers import (PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, load_clip,
                       one_line)
 from toy.palette import redness
 
@@ -200,7 +200,7 @@ def score_chunk(batch, need, pid, reward, per):
 
 
 def clip_reward(model, proc, text_emb, batch_size):
-    """The PickScore recipe as a proxy reward: logit_scale.exp() * cos(image, prompt) (= evaluate.clip_scores).
+    """The PickScore recipe as a proxy reward: logit_scale.exp() * cos(image, prompt) (= scorers.clip_scores).
 
     reward(images, pids) -> (P, 2): images holds each pair's two images in turn, pids the (P,) prompt
     of each pair, whose text embedding is computed once per unique prompt."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import evaluate
+from scorers import aesthetic_mlp, clip_text_embeddings, load_clip, load_scorers
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +47,7 @@ def aesthetic_weights(tmp_path_factory):
     """Random aesthetic-MLP weights for the tiny CLIP's 8-d embedding, saved with the original's key names."""
     path = tmp_path_factory.mktemp("aesthetic")
     torch.manual_seed(1)
-    state = {"layers." + k: v for k, v in evaluate.aesthetic_mlp(8).state_dict().items()}
+    state = {"layers." + k: v for k, v in aesthetic_mlp(8).state_dict().items()}
     torch.save(state, path / "aesthetic.pth")
     from safetensors.torch import save_file
     save_file(state, str(path / "aesthetic.safetensors"))
@@ -93,11 +94,11 @@ def test_scorers_match_hand_computation(tiny_clip_dir, aesthetic_weights):
     state, pth, safetensors_file = aesthetic_weights
     images = [shape_image((220, 40, 40)), shape_image((40, 70, 220)), Image.new("RGB", (40, 40), (220, 40, 40))]
     prompts = ["a red circle", "a blue circle", "a big dog"]
-    scorers = evaluate.load_scorers(["pickscore", "clip", "aesthetic", "redness", "color_acc"],
+    scorers = load_scorers(["pickscore", "clip", "aesthetic", "redness", "color_acc"],
                                     scorer_args(tiny_clip_dir, pth), "cpu")
     got = {name: score(images, prompts) for name, score in scorers.items()}
 
-    model, processor = evaluate.load_clip(tiny_clip_dir)
+    model, processor = load_clip(tiny_clip_dir)
     ref = CLIPModel.from_pretrained(tiny_clip_dir).eval()
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_scorers_match_hand_computation(tiny_clip_dir, aesthetic_weights):
         x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
     np.testing.assert_allclose(got["aesthetic"], x.squeeze(-1).numpy(), rtol=1e-4, atol=1e-5)
     # the same weights from safetensors give the same scores
-    from_safetensors = evaluate.load_scorers(["aesthetic"], scorer_args(tiny_clip_dir, safetensors_file), "cpu")
+    from_safetensors = load_scorers(["aesthetic"], scorer_args(tiny_clip_dir, safetensors_file), "cpu")
     np.testing.assert_allclose(from_safetensors["aesthetic"](images, prompts), got["aesthetic"], rtol=1e-6)
     # redness of a red shape on near-white, and of a solid (220, 40, 40): (220 - (220+40+40)/3) / 255
     np.testing.assert_allclose(got["redness"][2], (220 - 100) / 255, rtol=1e-5)
@@ -122,20 +123,20 @@ def test_scorers_match_hand_computation(tiny_clip_dir, aesthetic_weights):
     assert got["color_acc"][0] == 1.0 and got["color_acc"][1] == 1.0 and np.isnan(got["color_acc"][2])
     assert scorers["color_acc"]([images[0]], ["a blue circle"])[0] == 0.0
     # the embeddings filter_fifa.py uses are unit vectors
-    emb = evaluate.clip_text_embeddings(model, processor, prompts)
+    emb = clip_text_embeddings(model, processor, prompts)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
 
 
 def test_missing_optional_scorers_give_their_message(tiny_clip_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # None in sys.modules makes `import` fail
     monkeypatch.setitem(sys.modules, "ImageReward", None)
-    scorers = evaluate.load_scorers(["hpsv2", "imagereward", "redness"], scorer_args(tiny_clip_dir, ""), "cpu")
+    scorers = load_scorers(["hpsv2", "imagereward", "redness"], scorer_args(tiny_clip_dir, ""), "cpu")
     assert list(scorers) == ["redness"]
     printed = capsys.readouterr().out
     assert "hpsv2: skipped" in printed and "open_clip" in printed
     assert "imagereward: skipped" in printed and "ImageReward" in printed
     with pytest.raises(SystemExit, match="no scorer could be loaded"):
-        evaluate.load_scorers(["hpsv2"], scorer_args(tiny_clip_dir, ""), "cpu")
+        load_scorers(["hpsv2"], scorer_args(tiny_clip_dir, ""), "cpu")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -122,8 +122,8 @@ def test_margins_rank_when_alpha_gamma_zero_and_rerun_scores_nothing(data, clip_
     assert sorted(out.column("fifa_margin").to_pylist(), reverse=True) == sorted(every["fifa_margin"], reverse=True)[:5]
     assert 3 not in every["ranking_id"] and 5 not in every["ranking_id"]  # the tie and the corrupt pair
     assert all(0 <= q <= 10 for q in every["fifa_quality"])
-    # the margin is the winner's PickScore-style score minus the loser's, as evaluate.clip_scores computes it
-    from evaluate import clip_scores, load_clip
+    # the margin is the winner's PickScore-style score minus the loser's, as scorers.clip_scores computes it
+    from scorers import clip_scores, load_clip
     model, proc = load_clip(clip_dir)
     rows = pq.read_table(data).to_pydict()
     i = every["ranking_id"][0]
