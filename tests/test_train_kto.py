@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import common
 import train_kto
 from conftest import COLORS, ROOT
-from losses import kto_loss, kto_reference_point, per_sample_error
+from losses import add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_one_kto_step_moves_a_real_unet(tiny_pipe_dir):
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([400, 600])
     emb = torch.randn(2, 77, unet.config.cross_attention_dim)
-    x_t, target = common.add_noise_and_target(sched, x0, eps, t)
+    x_t, target = add_noise_and_target(sched, x0, eps, t)
     errors = lambda m: per_sample_error(m(x_t, t, emb).sample, target)
     before = errors(unet).detach()
     ref_err = errors(ref).detach()
