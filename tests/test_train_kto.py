@@ -200,3 +200,18 @@ def test_two_ranks_equal_one_rank(tiny_pipe_dir, likes, tmp_path):
     b = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
     base = load_file(os.path.join(tiny_pipe_dir, "unet", "diffusion_pytorch_model.safetensors"))
     assert_same_run(tmp_path / "one", tmp_path / "two", a, b, base, lr=1e-4, steps=3)
+
+
+def test_step_zero_loss_and_a_reference_point_that_moves(tiny_pipe_dir, likes, tmp_path):
+    """The trainer's own log: at step 1 the policy is the reference, so every reward is 0 and the sigmoid loss
+    is 1 - sigmoid(0) = 0.5 exactly; as liked images get easier for the policy the batch's mean reward turns
+    positive and z_ref = max(0, mean r) follows it (one micro-batch a step, so it is that step's reward_d)."""
+    out = tmp_path / "out"
+    train_kto.main(args_for(tiny_pipe_dir, likes, out, tmp_path / "cache", "--max_steps", "6", "--micro_batch", "4",
+                            "--desirable_share", "1.0", "--lr", "3e-3"))
+    log = records(out)
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert log[0]["ref_point"] == 0.0 and log[0]["reward_d"] == pytest.approx(0.0, abs=1e-7)
+    for r in log:
+        assert r["ref_point"] == pytest.approx(max(0.0, r["reward_d"]), abs=1e-7)
+    assert max(r["ref_point"] for r in log) > 1e-4, [r["ref_point"] for r in log]
