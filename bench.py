@@ -226,15 +226,17 @@ def run_floor(args, pipe_dir):
     emb = torch.randn(n, 77, unet.config.cross_attention_dim, device=ctx.device)
     mismatched = args.algo == "kto" and args.ref_point == "mismatched"
 
+    cond, rolled = {"encoder_hidden_states": emb}, {"encoder_hidden_states": emb.roll(1, 0)}
+
     def step():
         for _ in range(args.accum):
             with ctx.autocast():
-                reference(x_t, t, emb)  # no grad
+                reference(x_t, t, cond)  # no grad
                 if mismatched:  # the reference point: each image with another image's prompt, both models, no grad
-                    reference(x_t, t, emb.roll(1, 0))
+                    reference(x_t, t, rolled)
                     with torch.no_grad():
-                        unet(x_t, t, emb.roll(1, 0))
-                pred = unet(x_t, t, emb).sample
+                        model.denoise(unet, x_t, t, rolled)
+                pred = model.denoise(unet, x_t, t, cond)
             (pred.float() - target).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
