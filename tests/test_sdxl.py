@@ -173,3 +173,17 @@ def test_two_ranks_equal_one_rank(tiny_sdxl_dir, tmp_path):
     unet = lambda d: load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors"))
     assert_same_run(tmp_path / "one", tmp_path / "two", unet(str(tmp_path / "one")), unet(str(tmp_path / "two")),
                     unet(tiny_sdxl_dir), lr=1e-4, steps=3)
+
+
+def test_evaluate_generates_with_the_sdxl_pipeline_in_bf16(tiny_sdxl_dir, tmp_path):
+    import evaluate
+    (tmp_path / "p.txt").write_text("a red square\na blue square\n")
+    result = evaluate.main(["--pretrained", tiny_sdxl_dir, "--model", f"same={tiny_sdxl_dir}", "--prompts",
+                            str(tmp_path / "p.txt"), "--n", "2", "--steps", "2", "--resolution", "32",
+                            "--precision", "bf16", "--scorers", "toy.scorers:redness", "--out", str(tmp_path / "out")])
+    assert result["scores"]["same"] == result["scores"]["base"]  # same weights, same seeds: the same images
+    assert Image.open(tmp_path / "out" / "images" / "base" / "00000_s0.png").size == (32, 32)
+    with pytest.raises(SystemExit, match="precision"):  # images made in bf16 are not reused for an fp32 run
+        evaluate.main(["--pretrained", tiny_sdxl_dir, "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--steps", "2",
+                       "--resolution", "32", "--precision", "fp32", "--scorers", "toy.scorers:redness",
+                       "--out", str(tmp_path / "out")])
