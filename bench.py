@@ -41,6 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; nev
 
 import torch
 
+from common import atomic_path, fail
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -163,12 +165,12 @@ def write_pickapic(path, n, resolution, seed=0):
         Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(buf, format="JPEG")
         return buf.getvalue()
     first_wins = rng.random(n) < 0.5
-    pq.write_table(pa.table({
-        "caption": [f"a {colors[i % len(colors)]} {things[i // len(colors) % len(things)]}" for i in range(n)],
-        "jpg_0": [jpeg() for _ in range(n)], "jpg_1": [jpeg() for _ in range(n)],
-        "label_0": [1.0 if w else 0.0 for w in first_wins], "label_1": [0.0 if w else 1.0 for w in first_wins],
-        "image_0_uid": [f"{i}a" for i in range(n)], "image_1_uid": [f"{i}b" for i in range(n)]}), path + ".tmp")
-    os.replace(path + ".tmp", path)  # complete or absent: a kept work_dir never holds half a file
+    with atomic_path(path) as tmp:  # complete or absent: a kept work_dir never holds half a file
+        pq.write_table(pa.table({
+            "caption": [f"a {colors[i % len(colors)]} {things[i // len(colors) % len(things)]}" for i in range(n)],
+            "jpg_0": [jpeg() for _ in range(n)], "jpg_1": [jpeg() for _ in range(n)],
+            "label_0": [1.0 if w else 0.0 for w in first_wins], "label_1": [0.0 if w else 1.0 for w in first_wins],
+            "image_0_uid": [f"{i}a" for i in range(n)], "image_1_uid": [f"{i}b" for i in range(n)]}), tmp)
     return path
 
 
@@ -294,7 +296,7 @@ def main(argv=None):
         args.micro_batch = defaults["pairs"] * (2 if args.algo == "kto" else 1)
     args.unit = "pairs" if args.algo == "dpo" else "images"
     if args.pretrained and not os.path.exists(os.path.join(args.pretrained, "model_index.json")):
-        raise SystemExit(f"error: --pretrained {args.pretrained} is not a diffusers pipeline folder (no model_index.json)")
+        fail(f"--pretrained {args.pretrained} is not a diffusers pipeline folder (no model_index.json)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
