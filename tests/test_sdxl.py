@@ -187,3 +187,34 @@ def test_evaluate_generates_with_the_sdxl_pipeline_in_bf16(tiny_sdxl_dir, tmp_pa
         evaluate.main(["--pretrained", tiny_sdxl_dir, "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--steps", "2",
                        "--resolution", "32", "--precision", "fp32", "--scorers", "toy.scorers:redness",
                        "--out", str(tmp_path / "out")])
+
+
+def test_latent_cache_choices_vae_flag_and_a_full_disk(tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
+    """--latent_cache mean stores no std (every draw is the mean), none encodes on the fly and trains like the cache
+    (up to its fp16 rounding), --vae takes a replacement VAE, and a cache the disk cannot hold stops before encoding."""
+    import shutil
+    from safetensors import safe_open
+    pairs = write_pickapic(str(tmp_path / "pairs.parquet"), n=6)
+    runs = {}
+    for mode in ("posterior", "mean", "none"):
+        out = tmp_path / mode
+        train_dpo.main(args_for(tiny_sdxl_dir, pairs, out, tmp_path / "cache", "--max_steps", "1", "--latent_cache", mode,
+                                "--vae", os.path.join(tiny_sdxl_dir, "vae")))
+        runs[mode] = records(out)[0]
+    printed = capsys.readouterr().out
+    import re
+    # 4 x 16 x 16 latents in fp16, mean and std, and the mirror image's: 8 KB; 2 captions and the empty one
+    assert re.search(r"cache: 12 images x 8.0 KB \+ 3 captions x [0-9.]+ KB = [0-9.]+ KB \(posterior, with mirror images\)", printed)
+    assert "; cache none (encoded on the fly)" in printed
+    folders = {json.load(open(os.path.join(tmp_path / "cache", d, "meta.json")))["mode"]: d for d in os.listdir(tmp_path / "cache")}
+    assert set(folders) == {"posterior", "mean"}
+    with safe_open(os.path.join(tmp_path / "cache", folders["mean"], "images-000000.safetensors"), "pt") as f:
+        assert "std" not in f.keys() and "mean" in f.keys() and "time_ids_flip" in f.keys()
+    assert runs["none"]["policy_err_w"] == pytest.approx(runs["posterior"]["policy_err_w"], rel=1e-2)
+    assert runs["mean"]["policy_err_w"] != runs["posterior"]["policy_err_w"]
+    with pytest.raises(SystemExit, match="VAE not found"):
+        train_dpo.main(args_for(tiny_sdxl_dir, pairs, tmp_path / "o", tmp_path / "cache", "--vae", str(tmp_path / "novae")))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    with pytest.raises(SystemExit, match="the cache needs .* more in .* but only 1000.0 B are free"):
+        train_dpo.main(args_for(tiny_sdxl_dir, pairs, tmp_path / "o", tmp_path / "cache2", "--max_steps", "1"))
+    assert not (tmp_path / "cache2").exists() or not list((tmp_path / "cache2").iterdir())  # nothing encoded
