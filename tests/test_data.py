@@ -1,4 +1,4 @@
-"""The feedback loaders of data.py on tiny datasets built in each test: every single-image (KTO) layout,
+"""The feedback loaders of data.py and public_data.py on tiny datasets built in each test: every single-image (KTO) layout,
 and the pair (DPO) loaders. No models; a few seconds.
 
     python -m pytest -q tests/test_data.py
@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import data
+import public_data
 from conftest import COLORS, write_pickapic
 
 A1111 = ("a cozy cabin in the snow,\nwarm light, 35mm\nNegative prompt: blurry, lowres\n"
@@ -65,7 +66,7 @@ def test_class_folders_with_txt_and_embedded_prompts(tmp_path):
     save(root / "loose.png")  # outside both class folders
     (root / "disliked" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # corrupt, no caption file
 
-    fb = data.load_singles(str(root))
+    fb = public_data.load_singles(str(root))
     assert by_name(fb) == {
         "a1111.png": ("a cozy cabin in the snow,\nwarm light, 35mm", 1),
         "steps_only.png": ("a red fox", 1),
@@ -83,7 +84,7 @@ def test_class_folders_with_txt_and_embedded_prompts(tmp_path):
 
 def test_class_folders_any_letter_case_and_one_class(tmp_path):
     save(tmp_path / "LIKED" / "a.PNG", pnginfo=png_text(parameters="only likes\nSteps: 1"))
-    fb = data.load_singles(str(tmp_path))
+    fb = public_data.load_singles(str(tmp_path))
     assert by_name(fb) == {"a.PNG": ("only likes", 1)} and fb.label_counts() == "1 desirable, 0 undesirable"
 
 
@@ -107,7 +108,7 @@ def test_metadata_jsonl_label_spellings_and_caption_columns(tmp_path):
     (tmp_path / "sub" / "l.txt").write_text("t12")
     (tmp_path / "liked").mkdir()  # metadata wins over class folders
 
-    fb = data.load_singles(str(tmp_path))
+    fb = public_data.load_singles(str(tmp_path))
     want = {"a.png": 1, "b.png": -1, "c.png": 1, "d.png": -1, "e.png": 1, "f.png": -1, "g.png": 1, "h.png": -1,
             "i.png": -1, "j.png": 1, "k.png": 1, "l.png": 1}
     got = by_name(fb)
@@ -127,41 +128,41 @@ def test_metadata_csv_and_explicit_file(tmp_path):
         "\ufefffile_name,text,label\nimgs/x.jpg,a cat,TRUE\nimgs/y.jpg,\"a dog, sitting\",no\n"
         "imgs/z.jpg,a cow,liked\nimgs/w.jpg,a hen,??\n", encoding="utf-8")
     for path in (tmp_path, tmp_path / "metadata.csv"):
-        fb = data.load_singles(str(path))
+        fb = public_data.load_singles(str(path))
         assert by_name(fb) == {"x.jpg": ("a cat", 1), "y.jpg": ("a dog, sitting", -1), "z.jpg": ("a cow", 1)}
         assert sum(v for k, v in fb.skipped.items() if "'??'" in k) == 1
     (tmp_path / "labels.jsonl").write_text(json.dumps({"file_name": "imgs/x.jpg", "prompt": "p", "label": "disliked"}) + "\n")
-    assert by_name(data.load_singles(str(tmp_path / "labels.jsonl"))) == {"x.jpg": ("p", -1)}
+    assert by_name(public_data.load_singles(str(tmp_path / "labels.jsonl"))) == {"x.jpg": ("p", -1)}
 
 
 def test_metadata_errors(tmp_path):
     save(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "t"}) + "\n")
     with pytest.raises(SystemExit, match="no label column"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     (tmp_path / "metadata.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match=r"metadata.jsonl:1: expected a JSON object"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "t", "label": "meh"}) + "\n")
     with pytest.raises(SystemExit, match=r"no usable image .*unknown label value \(e.g. 'meh'"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
 
 
 def test_clear_errors_for_missing_or_empty_data(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="data not found"):
-        data.load_singles(str(tmp_path / "nope"))
+        public_data.load_singles(str(tmp_path / "nope"))
     monkeypatch.chdir(tmp_path)
     for relative in ["my_likes/", "./my_likes", "likes/2024/", "x.parquet"]:  # folder-like: not a hub dataset id
         with pytest.raises(SystemExit, match="data not found"):
-            data.load_singles(relative)
+            public_data.load_singles(relative)
     save(tmp_path / "a.png")
     with pytest.raises(SystemExit, match="no liked/ or disliked/ subfolder, no metadata"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     save(tmp_path / "liked" / "b.png")  # no caption anywhere
     with pytest.raises(SystemExit, match="no usable image .*no caption: 1"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     with pytest.raises(SystemExit, match="unknown Pick-a-Pic policy"):
-        data.load_singles(str(tmp_path), pickapic_policy="sometimes")
+        public_data.load_singles(str(tmp_path), pickapic_policy="sometimes")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def pickapic_labels(fb, uid_of_width):
 
 def test_pickapic_at_least_once(tmp_path):
     uids = pickapic_pairs(str(tmp_path / "p.parquet"), PAIRS)
-    fb = data.load_singles(str(tmp_path / "p.parquet"))
+    fb = public_data.load_singles(str(tmp_path / "p.parquet"))
     assert fb.num_images == len(fb) == 11  # A and B appear three times, K twice: de-duplicated by uid
     assert pickapic_labels(fb, uids) == {
         "A": ("cap1", 1), "B": ("cap1", -1), "C": ("cap2", 1), "D": ("cap3", -1), "E": ("cap4", -1), "F": ("cap4", -1),
@@ -214,7 +215,7 @@ def test_pickapic_at_least_once(tmp_path):
 
 def test_pickapic_always(tmp_path):
     uids = pickapic_pairs(str(tmp_path / "p.parquet"), PAIRS)
-    fb = data.load_singles(str(tmp_path), pickapic_policy="always")  # a folder of parquet files
+    fb = public_data.load_singles(str(tmp_path), pickapic_policy="always")  # a folder of parquet files
     labels = pickapic_labels(fb, uids)
     assert {u for u, (_, y) in labels.items() if y == 1} == {"C", "G", "H"}
     assert "A" not in labels and "K" not in labels  # preferred in some pairs only
@@ -226,7 +227,7 @@ def test_pickapic_without_uid_columns_keeps_every_image(tmp_path):
     write_pickapic(str(tmp_path / "p.parquet"), n=4, ties=1)
     table = pq.read_table(tmp_path / "p.parquet").drop(["image_0_uid", "image_1_uid"])
     pq.write_table(table, tmp_path / "p.parquet")
-    fb = data.load_singles(str(tmp_path / "p.parquet"))
+    fb = public_data.load_singles(str(tmp_path / "p.parquet"))
     assert len(fb) == 10 and fb.label_counts().startswith("4 desirable, 6 undesirable")
     assert fb.notes["images only ever tied, labelled undesirable"] == 2
 
@@ -249,11 +250,11 @@ def write_kto_csv(root):
 def test_kto_authors_csv(tmp_path):
     write_kto_csv(tmp_path)
     for path in (tmp_path / "train_processed_v3.csv", tmp_path):  # the CSV, or the folder that holds it
-        fb = data.load_singles(str(path))
+        fb = public_data.load_singles(str(path))
         assert by_name(fb) == {"w1.jpg": ("a win", 1), "l1.jpg": ("a loss", -1), "i1.jpg": ("both", 1)}
         assert fb.skipped["missing file"] == 1 and fb.skipped["no caption"] == 1
         assert sum(v for k, v in fb.skipped.items() if k.startswith("unknown split (e.g. 'tie_only'")) == 1
-    fb = data.load_singles(str(tmp_path), pickapic_policy="always")
+    fb = public_data.load_singles(str(tmp_path), pickapic_policy="always")
     assert by_name(fb) == {"w1.jpg": ("a win", 1), "l1.jpg": ("a loss", -1)}
     assert fb.skipped["intersections (policy always)"] == 1
 
@@ -262,7 +263,7 @@ def test_kto_csv_with_image_root(tmp_path):
     write_kto_csv(tmp_path / "data")
     (tmp_path / "labels").mkdir()
     (tmp_path / "data" / "train_processed_v3.csv").rename(tmp_path / "labels" / "kto.csv")
-    fb = data.load_singles(str(tmp_path / "labels" / "kto.csv"), image_root=str(tmp_path / "data"))
+    fb = public_data.load_singles(str(tmp_path / "labels" / "kto.csv"), image_root=str(tmp_path / "data"))
     assert len(fb) == 3 and all(p.startswith(str(tmp_path / "data")) for p in fb.paths)
 
 
@@ -271,7 +272,7 @@ def test_kto_csv_with_image_root(tmp_path):
 
 def test_load_pairs_parquet_drops_ties(tmp_path):
     path = write_pickapic(str(tmp_path / "p.parquet"), n=6, ties=2)
-    fb = data.load_pairs(path)
+    fb = public_data.load_pairs(path)
     assert len(fb) == 6 and fb.skipped == {"tie": 2}
     winners = data.read_images(fb, sorted(int(i) for i in fb.winner))
     red = np.array(COLORS["red"])
@@ -285,14 +286,14 @@ def test_load_pairs_jsonl(tmp_path):
     lines = [{"caption": "x", "chosen": "a.png", "rejected": "b.png"}, {"caption": "y", "chosen": "c.png", "rejected": "a.png"},
              {"caption": "", "chosen": "a.png", "rejected": "c.png"}, {"caption": "z", "chosen": "b.png", "rejected": "b.png"}]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    fb = data.load_pairs(str(tmp_path / "pairs.jsonl"))
+    fb = public_data.load_pairs(str(tmp_path / "pairs.jsonl"))
     name = lambda i: fb.paths[i].split("/")[-1]
     assert [(fb.captions[c], name(w), name(l)) for c, w, l in zip(fb.caption_idx, fb.winner, fb.loser)] == \
         [("x", "a.png", "b.png"), ("y", "c.png", "a.png")]
     assert fb.skipped == {"no caption": 1, "tie (same image twice)": 1}
     (tmp_path / "bad.jsonl").write_text(json.dumps({"caption": "x", "chosen": "a.png"}) + "\n")
     with pytest.raises(SystemExit, match="bad.jsonl:1: expected a JSON object with caption, chosen, rejected"):
-        data.load_pairs(str(tmp_path / "bad.jsonl"))
+        public_data.load_pairs(str(tmp_path / "bad.jsonl"))
 
 
 def test_summary_counts_only_what_the_kept_rows_use():
@@ -319,15 +320,15 @@ def test_hub_id_takes_one_split(tmp_path, monkeypatch):
         return str(snapshot)  # as if every split were in the local cache already
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    files = [os.path.basename(f) for f in data.parquet_files("someone/pickapic_v2")]
+    files = [os.path.basename(f) for f in public_data.parquet_files("someone/pickapic_v2")]
     assert files == names[:2] and asked[0][:2] == ("someone/pickapic_v2", "dataset")
     assert "*/train-*.parquet" in asked[0][2]  # only the split's files are downloaded
-    assert [os.path.basename(f) for f in data.parquet_files("someone/pickapic_v2:test")] == [names[2]]
+    assert [os.path.basename(f) for f in public_data.parquet_files("someone/pickapic_v2:test")] == [names[2]]
     with pytest.raises(SystemExit, match="no .parquet files of split 'valid'"):
-        data.parquet_files("someone/pickapic_v2:valid")
+        public_data.parquet_files("someone/pickapic_v2:valid")
 
     def offline(**kwargs):
         raise OSError("we are offline\nmore")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: offline())
     with pytest.raises(SystemExit, match="could not be downloaded from the hub .*we are offline"):
-        data.parquet_files("someone/pickapic_v2")
+        public_data.parquet_files("someone/pickapic_v2")

@@ -112,7 +112,7 @@ def test_margins_rank_when_alpha_gamma_zero_and_rerun_scores_nothing(data, clip_
     assert stats["prompts_embedded"] == 8
     out = pq.read_table(tmp_path / "a.parquet")
     assert out.column_names == pq.read_schema(data).names + FIFA_COLUMNS  # the input schema plus scores
-    from data import load_pairs
+    from public_data import load_pairs
     assert len(load_pairs(str(tmp_path / "a.parquet"))) == 5  # the DPO trainer's loader reads it as is
     # all 14 eligible margins, from the cache of a second run that keeps them all
     stats = run(data, tmp_path / "all.parquet", clip_dir, lm_dir, "--k", 14, "--alpha", 0, "--gamma", 0,
@@ -202,7 +202,7 @@ def test_bad_input_gives_clear_messages(data, clip_dir, tmp_path):
     ties = make_pickapic(tmp_path / "ties.parquet", ["a red circle"] * 2, labels=[(0.5, 0.5)] * 2)
     with pytest.raises(SystemExit, match="no usable pair"):
         run(ties, tmp_path / "o.parquet", clip_dir, "none")
-    with pytest.raises(SystemExit, match=r"no \.parquet files in .*missing"):  # data.parquet_files' message
+    with pytest.raises(SystemExit, match=r"no \.parquet files in .*missing"):  # public_data.parquet_files' message
         run(str(tmp_path / "missing" / "*.parquet"), tmp_path / "o.parquet", clip_dir, "none")
     with pytest.raises(SystemExit, match="data not found"):
         run(str(tmp_path / "nowhere"), tmp_path / "new" / "o.parquet", clip_dir, "none")
