@@ -375,10 +375,12 @@ def write_pairs(fb, rows, out, columns=None, batch_rows=1024):
     if kind == ".jsonl" and fb.paths is None:
         fail(f"--out {out}: a JSONL names image files, and these images are inside parquet files; write .parquet")
     uid = lambda i: fb.paths[i] if fb.paths is not None else fb.describe_image(i)
+    plain = lambda v: v.item() if hasattr(v, "item") else v  # numpy scalars -> Python numbers for JSON
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with atomic_path(out) as tmp:
         if kind == ".jsonl":
             root = os.path.dirname(os.path.abspath(out))
-            value = lambda v: None if isinstance(v, float) and v != v else v.item() if hasattr(v, "item") else v  # NaN -> null
+            value = lambda v: None if isinstance(plain(v), float) and plain(v) != plain(v) else plain(v)  # NaN -> null
             with open(tmp, "w", encoding="utf-8") as f:
                 for r in rows:
                     rec = {"caption": fb.captions[fb.caption_idx[r]], "chosen": os.path.relpath(fb.paths[fb.winner[r]], root),

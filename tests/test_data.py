@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 
 import data
 import public_data
-from conftest import COLORS, write_pickapic
+from conftest import COLORS, write_hpdv2, write_pickapic
 
 A1111 = ("a cozy cabin in the snow,\nwarm light, 35mm\nNegative prompt: blurry, lowres\n"
          "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: v1-5")
@@ -332,3 +332,100 @@ def test_hub_id_takes_one_split(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: offline())
     with pytest.raises(SystemExit, match="could not be downloaded from the hub .*we are offline"):
         public_data.parquet_files("someone/pickapic_v2")
+
+
+# ------------------------------------------------------------------------------------------------
+# HPDv2: train.json / test.json with their image folders, written in the schema of the dataset card
+
+def names(fb, which):
+    return [os.path.basename(fb.paths[i]) for i in which]
+
+
+def test_hpdv2_train_pairs(tmp_path):
+    root = write_hpdv2(tmp_path / "HPDv2")
+    for path in (root, os.path.join(root, "train.json")):  # the folder (train.json first) or the file itself
+        fb = public_data.load_pairs(path)
+        got = sorted(zip([fb.captions[c] for c in fb.caption_idx], names(fb, fb.winner), names(fb, fb.loser)))
+        assert got == [("a blue square", "r1.jpg", "b1.jpg"), ("a red square", "r0.jpg", "g0.jpg"),
+                       ("a red square again", "r3.jpg", "g3.jpg"), ("r0 loses here", "r4.jpg", "r0.jpg"),
+                       ("three squares", "r2.jpg", "b2.jpg"), ("three squares", "r2.jpg", "g2.jpg")]
+        assert fb.skipped == {"tie": 1, "missing file": 1, "entry with no caption": 1,
+                              "entry without two or more images and as many labels": 1}
+    images = data.read_images(fb, sorted(set(fb.winner.tolist())))
+    red = np.array(COLORS["red"])
+    assert all(np.abs(np.asarray(im)[20, 20] - red).sum() < 60 for im in images)  # decoded from train/
+
+
+def test_hpdv2_test_ranks_to_pairs(tmp_path):
+    root = write_hpdv2(tmp_path)
+    fb = public_data.load_pairs(os.path.join(root, "test.json"))
+    got = sorted(zip(names(fb, fb.winner), names(fb, fb.loser)))  # ranks 1, 2, 3, 1: lower is better
+    assert got == [("x0.jpg", "x1.jpg"), ("x0.jpg", "x2.jpg"), ("x1.jpg", "x2.jpg"), ("x3.jpg", "x1.jpg"), ("x3.jpg", "x2.jpg")]
+    assert fb.skipped == {"tie": 1}  # x0 and x3 share rank 1
+    os.remove(os.path.join(root, "train.json"))
+    assert len(public_data.load_pairs(root)) == 5  # a folder with test.json only
+
+
+def test_hpdv2_images_beside_the_json_and_bad_files(tmp_path):
+    root = write_hpdv2(tmp_path)
+    for n in os.listdir(os.path.join(root, "test")):  # no test/ folder: paths relative to the JSON's own folder
+        os.rename(os.path.join(root, "test", n), os.path.join(root, n))
+    os.rmdir(os.path.join(root, "test"))
+    assert len(public_data.load_pairs(os.path.join(root, "test.json"))) == 5
+    (tmp_path / "other.json").write_text(json.dumps([{"caption": "x", "chosen": "a.png"}]))
+    with pytest.raises(SystemExit, match="other.json is not an HPDv2 annotation file: expected"):
+        public_data.load_pairs(str(tmp_path / "other.json"))
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(SystemExit, match="cannot read HPDv2 annotations .*broken.json"):
+        public_data.load_singles(str(tmp_path / "broken.json"))
+
+
+def test_hpdv2_singles_both_policies(tmp_path):
+    root = write_hpdv2(tmp_path)
+    label = lambda fb: {os.path.basename(fb.paths[i]): int(y) for i, y in zip(fb.image, fb.label)}
+    fb = public_data.load_singles(root)
+    liked = {"r0.jpg", "r1.jpg", "r2.jpg", "r3.jpg", "r4.jpg"}  # r0 preferred once and lost once
+    assert {k for k, y in label(fb).items() if y == 1} == liked
+    assert {k for k, y in label(fb).items() if y == -1} == {"g0.jpg", "b1.jpg", "t0.jpg", "t1.jpg", "g2.jpg", "b2.jpg", "g3.jpg"}
+    assert fb.notes["images only ever tied, labelled undesirable"] == 2 and fb.skipped["pair with a missing file"] == 1
+    assert [fb.captions[c] for c, i in zip(fb.caption_idx, fb.image) if fb.paths[i].endswith("r0.jpg")] == ["a red square"]
+    fb = public_data.load_singles(os.path.join(root, "train.json"), pickapic_policy="always")
+    assert {k for k, y in label(fb).items() if y == 1} == liked - {"r0.jpg"} and "r0.jpg" not in label(fb)
+    assert fb.skipped["image preferred in some of its pairs only (policy always)"] == 1
+
+
+def test_write_pairs_round_trips_as_pickapic_and_jsonl(tmp_path):
+    root = write_hpdv2(tmp_path / "HPDv2")
+    fb = public_data.load_pairs(root)
+    score = np.arange(len(fb), dtype=np.float32)
+    public_data.write_pairs(fb, [1, 3], str(tmp_path / "sub.parquet"), {"fifa_score": score})
+    t = pq.read_table(tmp_path / "sub.parquet").to_pydict()
+    assert t["fifa_score"] == [1.0, 3.0] and t["label_0"] == [1.0, 1.0]
+    with open(fb.paths[fb.winner[1]], "rb") as f:
+        assert t["jpg_0"][0] == f.read()  # a JPEG file's own bytes, not compressed twice
+    back = public_data.load_pairs(str(tmp_path / "sub.parquet"))  # read as Pick-a-Pic
+    assert [back.captions[c] for c in back.caption_idx] == [fb.captions[fb.caption_idx[r]] for r in (1, 3)]
+    assert len(public_data.load_singles(str(tmp_path / "sub.parquet"))) == 4
+    public_data.write_pairs(fb, [0, 2], str(tmp_path / "out" / "sub.jsonl"), {"fifa_score": score})
+    back = public_data.load_pairs(str(tmp_path / "out" / "sub.jsonl"))
+    assert names(back, back.winner) == names(fb, fb.winner[[0, 2]]) and back.skipped == {}
+    first = json.loads((tmp_path / "out" / "sub.jsonl").read_text().splitlines()[0])
+    assert first["chosen"].startswith("../HPDv2/train/") and first["fifa_score"] == 0.0
+    with pytest.raises(SystemExit, match="write pairs to a .parquet file"):
+        public_data.write_pairs(fb, [0], str(tmp_path / "sub.csv"))
+
+
+def test_unreachable_hub_id_names_it_and_the_options(monkeypatch):
+    import huggingface_hub
+
+    class RepositoryNotFoundError(Exception):  # what huggingface_hub raises for a repo that is gone (a 404)
+        pass
+
+    def missing(*args, **kwargs):
+        raise RepositoryNotFoundError("404 Client Error.\n\nRepository Not Found for url: https://huggingface.co/...")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    with pytest.raises(SystemExit) as e:
+        public_data.load_pairs("yuvalkirstain/pickapic_v2")
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and "yuvalkirstain/pickapic_v2" in msg and "RepositoryNotFoundError" in msg
+    assert "a local copy" in msg and "a mirror in the same schema" in msg and "HPDv2" in msg
