@@ -28,10 +28,16 @@ GET_DATA = ("options: a local copy (a file or folder), a mirror in the same sche
 def load_pairs(path):
     """Pairs for Diffusion-DPO: a JSONL of pairs, HPDv2 (a folder with train.json or test.json, or one of
     them), otherwise Pick-a-Pic v2 parquet (file, folder, glob or hub id). Ties are dropped and counted."""
+    kind = pairs_format(path)
+    return load_pairs_jsonl(path) if kind == "jsonl" else pairs_from_hpdv2(hpdv2_file(path)) if kind == "hpdv2" \
+        else pairs_from_pickapic(path)
+
+
+def pairs_format(path):
+    """Which of load_pairs' readers takes `path`: "jsonl", "hpdv2" or "pickapic" (anything else, checked there)."""
     if path.lower().endswith(".jsonl") and os.path.isfile(path):
-        return load_pairs_jsonl(path)
-    hpdv2 = hpdv2_file(path)
-    return pairs_from_hpdv2(hpdv2) if hpdv2 else pairs_from_pickapic(path)
+        return "jsonl"
+    return "hpdv2" if hpdv2_file(path) else "pickapic"
 
 
 def load_singles(path, pickapic_policy="at_least_once", image_root=None):
