@@ -276,7 +276,7 @@ def hpdv2_file(path):
 def hpdv2_comparisons(path):
     """HPDv2 annotations as pairwise comparisons (caption, path_0, path_0, path_1, path_1, outcome: 0 or 1 the
     preferred side, 2 a tie), and a Feedback counting the entries skipped. Image paths are relative to the
-    folder named after the file (train/ beside train.json), or to the file's own folder if there is none.
+    folder named after the file (train/ beside train.json, or train/train/), else to the file's own folder.
     train.json: each preferred image (human_preference 1) against each other image of its entry; an entry that
     prefers none or all of its images is one tie. test.json: every two images of an entry, the lower rank
     preferred, equal ranks a tie."""
@@ -290,9 +290,12 @@ def hpdv2_comparisons(path):
     if not isinstance(first, dict) or kind is None:
         fail(f"{path} is not an HPDv2 annotation file: expected a JSON list of objects with prompt, file_path (or "
              f"image_path) and human_preference (train.json), or prompt, image_path and rank (test.json)")
-    folder = os.path.dirname(os.path.abspath(path))
-    beside = os.path.join(folder, os.path.splitext(os.path.basename(path))[0])
-    root = beside if os.path.isdir(beside) else folder
+    # the image folder: train/ beside train.json (train/train/ if the archive held the folder), else beside it
+    folder, split = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))[0]
+    roots = [os.path.join(folder, split), os.path.join(folder, split, split), folder]
+    probe = (first.get("file_path") or first.get("image_path") or [""])[0]
+    root = next((r for r in roots if isinstance(probe, str) and os.path.isfile(os.path.join(r, probe))),
+                roots[0] if os.path.isdir(roots[0]) else folder)
     fb = Feedback(captions=[], paths=[], source=f"{path} (HPDv2 {kind})")
     comparisons = []
     for e in entries:

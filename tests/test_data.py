@@ -372,6 +372,10 @@ def test_hpdv2_images_beside_the_json_and_bad_files(tmp_path):
         os.rename(os.path.join(root, "test", n), os.path.join(root, n))
     os.rmdir(os.path.join(root, "test"))
     assert len(public_data.load_pairs(os.path.join(root, "test.json"))) == 5
+    os.rename(os.path.join(root, "train"), os.path.join(root, "unpacked"))  # an archive that held train/ itself
+    os.makedirs(os.path.join(root, "train"))
+    os.rename(os.path.join(root, "unpacked"), os.path.join(root, "train", "train"))
+    assert len(public_data.load_pairs(root)) == 6
     (tmp_path / "other.json").write_text(json.dumps([{"caption": "x", "chosen": "a.png"}]))
     with pytest.raises(SystemExit, match="other.json is not an HPDv2 annotation file: expected"):
         public_data.load_pairs(str(tmp_path / "other.json"))
