@@ -108,10 +108,10 @@ def save_chunk(folder, key, start, values):
 
 
 # ------------------------------------------------------------------------------------------------
-# data: Pick-a-Pic v2 parquet (schema: README, "Data formats"), files found by data.parquet_files
+# data: Pick-a-Pic v2 parquet (schema: README, "Data formats"), files found by public_data.parquet_files
 
 def read_index(files):
-    """The small columns of every pair in file order (data.read_pickapic), and the row-group sizes of each file."""
+    """The small columns of every pair in file order (public_data.read_pickapic), and the row-group sizes of each file."""
     table, groups = read_pickapic(files, ["caption", "label_0", "label_1"], same_schema=True)
     if table.num_rows == 0:
         fail(f"no rows in {len(files)} parquet file(s) {files[:3]}")
