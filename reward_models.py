@@ -20,8 +20,9 @@ does not import under transformers 5). What each original does, and we do the sa
   bicubic; the longer side truncated to an int, as torchvision's Resize does), a centre crop of 224 (offsets
   rounded), OpenAI CLIP's mean and std. Prompts: bert-base-uncased's tokenizer, padded to 35 tokens, truncated.
 
-Model sizes are read from the checkpoints' shapes (so tiny test checkpoints build tiny models); attention heads
-are width // 64, true of ViT-H-14 (1280 and 1024 wide, 16 heads), BLIP ViT-L (1024, 16) and BERT-base (768, 12).
+Model sizes are read from the checkpoints' shapes (so tiny test checkpoints build tiny models); the head count,
+which shapes do not show, is width // 64 (ViT-H-14's text tower 1024 -> 16, BLIP ViT-L 1024 -> 16, BERT-base 768 -> 12)
+except ViT-H-14's vision tower: 1280 wide with head_width 80, 16 heads (open_clip's ViT-H-14.json).
 """
 import math
 
@@ -34,8 +35,21 @@ IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # I
 IMAGEREWARD_MAX_TOKENS = 35  # ImageReward.score's tokenizer call: padding="max_length", max_length=35
 
 
+def without_init(build):
+    """build() with torch's weight initialisers switched off: every weight is overwritten from the checkpoint, and
+    initialising ViT-H-14's billion parameters first costs about half a minute on a CPU."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers: initialise, only slower
+        return build()
+    with no_init_weights():
+        return build()
+
+
 def head_count(width):
-    return max(1, width // 64)
+    """Attention heads of a tower of this width: 64 per head (BERT-base, BLIP ViT-L, open_clip text towers and ViT-B/L),
+    except open_clip's ViT-H-14 vision tower, whose config sets head_width 80 (1280 wide, 16 heads)."""
+    return 16 if width == 1280 else max(1, width // 64)
 
 
 def to_tensor(image):
@@ -126,7 +140,7 @@ def hpsv2_from_open_clip(state, eos_token_id=49407):
     """A transformers CLIPModel (eval mode, float32) with the weights of an open_clip checkpoint's state dict."""
     from transformers import CLIPModel
     hf = open_clip_to_hf(state)
-    model = CLIPModel(hpsv2_config(state, eos_token_id))
+    model = without_init(lambda: CLIPModel(hpsv2_config(state, eos_token_id)))
     missing, unexpected = model.load_state_dict(hf, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]  # buffers, rebuilt by the model
     if missing or unexpected:
@@ -183,7 +197,8 @@ def imagereward_configs(state):
                           intermediate_size=state[t + "encoder.layer.0.intermediate.dense.weight"].shape[0],
                           num_hidden_layers=count(t + "encoder.layer."), num_attention_heads=head_count(text_width),
                           max_position_embeddings=state[t + "embeddings.position_embeddings.weight"].shape[0],
-                          hidden_act="gelu", layer_norm_eps=1e-12, is_decoder=True)  # is_decoder: build cross-attention
+                          hidden_act="gelu", layer_norm_eps=1e-12, is_decoder=True,
+                          bos_token_id=None, sep_token_id=None, pad_token_id=0)  # is_decoder: build cross-attention
     return vision, text
 
 
@@ -235,7 +250,7 @@ def imagereward_to_hf(state):
 
 def imagereward_from_checkpoint(state):
     """An ImageRewardModel (eval, float32) with the weights of an ImageReward.pt state dict."""
-    model = ImageRewardModel(*imagereward_configs(state))
+    model = without_init(lambda: ImageRewardModel(*imagereward_configs(state)))
     missing, unexpected = model.load_state_dict(imagereward_to_hf(state), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

@@ -123,6 +123,19 @@ def test_hpsv2_from_open_clip_checkpoint_matches_open_clip_forward(hps, tmp_path
     np.testing.assert_allclose(from_folder(images(), PROMPTS), got, atol=1e-6)
 
 
+def test_hpsv2_config_of_a_vit_h_14_checkpoint_is_open_clips_vit_h_14():
+    # the shapes of HPS_v2.1_compressed.pt (on the meta device: no memory), and open_clip's ViT-H-14.json
+    shapes = {"visual.conv1.weight": (1280, 3, 14, 14), "visual.positional_embedding": (257, 1280),
+              "token_embedding.weight": (49408, 1024), "positional_embedding": (77, 1024), "text_projection": (1024, 1024)}
+    shapes.update({f"visual.transformer.resblocks.{i}.mlp.c_fc.weight": (5120, 1280) for i in range(32)})
+    shapes.update({f"transformer.resblocks.{i}.mlp.c_fc.weight": (4096, 1024) for i in range(24)})
+    c = reward_models.hpsv2_config({k: torch.empty(v, device="meta") for k, v in shapes.items()})
+    v, t = c.vision_config, c.text_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size) == (1280, 32, 16, 14, 224)
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.max_position_embeddings) == (1024, 24, 16, 77)
+    assert c.projection_dim == 1024 and v.hidden_act == t.hidden_act == "gelu" and t.eos_token_id == 49407
+
+
 def test_hpsv2_pads_a_non_square_image_to_square():
     black = -torch.tensor(reward_models.CLIP_MEAN) / torch.tensor(reward_models.CLIP_STD)  # 0 after normalisation
     red = (torch.tensor([204, 26, 26]) / 255 - torch.tensor(reward_models.CLIP_MEAN)) / torch.tensor(reward_models.CLIP_STD)
