@@ -90,12 +90,12 @@ class Labels:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def skip_line(self):
-        return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "nothing skipped"
+        return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
 
     def scan(self):
         """Image paths relative to the root (sorted, '/'-separated) and their prompts. Hidden files and folders
         are left out; so is a symlink that leads out of the folder. Reads each image's header, not its pixels."""
-        known = {}  # file_name -> caption from a metadata.jsonl that label.py did not write
+        self.known = known = {}  # file_name -> caption from a metadata.jsonl that label.py did not write
         for name in ("metadata.before-label.jsonl", METADATA):
             path = os.path.join(self.root, name)
             if os.path.exists(path) and (name != METADATA or not os.path.exists(os.path.join(self.root, JOURNAL))):
@@ -179,8 +179,8 @@ class Labels:
             if lines or os.path.exists(path):
                 write_atomic(path, lines)
 
-    def caption(self, rel):
-        return self.captions.get(rel) or caption_beside(os.path.join(self.root, rel)) or ""
+    def caption(self, rel):  # a carried-over label of an image that is gone keeps its old caption, if any
+        return self.captions.get(rel) or self.known.get(rel) or ""
 
     # --- the page's three questions: what now, decide, undo
 
@@ -235,12 +235,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet: one line per image shown would bury the address
         pass
 
-    def reply(self, code, body, kind="application/json"):
+    def reply(self, code, body, kind="application/json", cache="no-store"):
         body = json.dumps(body).encode() if kind == "application/json" else body
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        self.send_header("Cache-Control", cache)  # images do not change; the state does
         self.end_headers()
         self.wfile.write(body)
 
@@ -261,20 +261,14 @@ class Handler(BaseHTTPRequestHandler):
             full = os.path.realpath(os.path.join(self.labels.root, rel))
             if rel in self.labels.captions and full.startswith(self.labels.root + os.sep) and os.path.isfile(full):
                 with open(full, "rb") as f:
-                    data = f.read()
-                self.send_response(200)
-                self.send_header("Content-Type", mimetypes.guess_type(full)[0] or "application/octet-stream")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Cache-Control", "max-age=3600")
-                self.end_headers()
-                return self.wfile.write(data)
+                    return self.reply(200, f.read(), mimetypes.guess_type(full)[0] or "image/png", "max-age=3600")
         self.reply(404, {"error": "not found"})
 
     def do_POST(self):
         if not self.host_ok() or not hmac.compare_digest(self.headers.get("X-Label-Token", ""), self.token):
             return self.reply(403, {"error": "missing or wrong token: reload the page label.py printed"})
         try:
-            body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 1 << 16)) or b"{}")
+            body = json.loads(self.rfile.read(min(max(0, int(self.headers.get("Content-Length") or 0)), 1 << 16)) or b"{}")
         except ValueError:
             body = None
         path = urlsplit(self.path).path

@@ -173,7 +173,8 @@ def test_keeps_labels_and_captions_the_folder_already_has(tmp_path):
         Image.new("RGB", (8, 8)).save(folder / name)  # no prompt inside: captions come from the files below
     for name in ["liked/a", "disliked/b"]:
         (folder / f"{name}.txt").write_text(f"caption of {name}")
-    old = [{"file_name": "c.png", "text": "caption of c", "label": "liked"}, {"file_name": "d.png", "caption": "caption of d"}]
+    old = [{"file_name": "c.png", "text": "caption of c", "label": "liked"}, {"file_name": "d.png", "caption": "caption of d"},
+           {"file_name": "gone.png", "text": "deleted since", "label": "disliked"}]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     labels = label.Labels(str(folder), pairs=False)
     assert labels.state()["item"]["files"] == ["d.png"] and labels.state()["item"]["caption"] == "caption of d"
@@ -184,6 +185,7 @@ def test_keeps_labels_and_captions_the_folder_already_has(tmp_path):
     got = {os.path.basename(fb.paths[i]): (fb.captions[c], int(y)) for i, c, y in zip(fb.image, fb.caption_idx, fb.label)}
     assert got == {"a.png": ("caption of liked/a", 1), "b.png": ("caption of disliked/b", -1),
                    "c.png": ("caption of c", 1), "d.png": ("caption of d", -1)}
+    assert fb.skipped == {"missing file": 1}  # its label is carried over too, and the trainer says it is gone
 
 
 # ------------------------------------------------------------------------------------------------
