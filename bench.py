@@ -204,7 +204,7 @@ def run_trainer(args, pipe_dir, data, out_dir, cache_dir):
 def run_floor(args, pipe_dir):
     """Time `steps` optimizer steps of bare compute after `warmup` steps; return (wall s, CPU s) per step.
 
-    The UNet goes through the trainers' own common.prepare_policy, so it is the same model: the same
+    The UNet goes through the trainers' own model.prepare_policy, so it is the same model: the same
     LoRA adapters (the reference is the adapter-free forward) or, for a full fine-tune, the same frozen
     copy as reference (bf16 on CUDA); the same checkpointing; AdamW as in the trainers. The inputs are
     made once on the device: no data assembly, no metrics, no clipping, no logging.
@@ -212,9 +212,10 @@ def run_floor(args, pipe_dir):
     from diffusers import UNet2DConditionModel
     from tqdm import tqdm
     import common
+    import model
     ctx = common.setup(args.seed)
     unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet", dtype=torch.float32).to(ctx.device)
-    params, reference = common.prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
+    params, reference = model.prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
     with open(os.path.join(pipe_dir, "vae", "config.json")) as f:  # the VAE halves the side at every level but the last
         side = args.resolution // 2 ** (len(json.load(f)["block_out_channels"]) - 1)

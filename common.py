@@ -1,27 +1,79 @@
-"""Machinery both trainers share: distributed set-up, models, LoRA, the reference, per-sample draws,
-the learning-rate schedule, checkpoints, export, logging and validation grids.
+"""What both trainers repeat: processes and devices, per-sample draws, the schedule, checkpoints, logging,
+the flags they share, and the two small habits every script here keeps (one-line errors, atomic writes).
 
-Plain functions, no trainer class: train_dpo.py and train_kto.py read top to bottom and call these.
+Plain functions, no trainer class, no import of the other modules here (they import this one): each
+trainer shows its own loop and calls these for the mechanics.
 """
-import copy
+import hashlib
 import json
 import math
 import os
 import shutil
-import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from data import fail
 
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA scripts
+# ------------------------------------------------------------------------------------------------
+# errors and files
+
+def fail(msg):
+    """One clear line for the user instead of a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def one_line(e):
+    """An exception as one line for an error message: its type and the first line of its text."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path` to write a file (or fill a folder) under; when the block ends
+    without an error it is made durable and renamed to `path`, so a reader never sees half of it.
+    A process killed on the way leaves only the temporary name, which no reader looks at."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        for f in ([os.path.join(tmp, n) for n in os.listdir(tmp)] if os.path.isdir(tmp) else [tmp]):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(tensors, path):
+    """A safetensors file, whole or absent."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+
+
+def write_json(obj, path, **kw):
+    """A JSON file, whole or absent."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **kw)
+
+
+def sha256_file(path, block=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
-# distributed, device, precision
+# processes, device, precision
 
 def setup(seed):
     """Read torchrun's environment; nccl on CUDA, gloo on CPU, so the same code is testable without a GPU.
@@ -42,6 +94,7 @@ def setup(seed):
     ctx = SimpleNamespace(rank=rank, world=world, master=rank == 0, device=device, cuda=cuda,
                           frozen_dtype=torch.bfloat16 if cuda else torch.float32)
     ctx.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    ctx.say = print if ctx.master else (lambda *a, **k: None)  # rank 0 alone prints
     return ctx
 
 
@@ -70,89 +123,24 @@ def accumulation(global_batch, micro_batch, world):
     return global_batch // (micro_batch * world)
 
 
-# ------------------------------------------------------------------------------------------------
-# models
-
-def load_models(pretrained, ctx):
-    """tokenizer, text encoder, VAE, UNet and the training noise scheduler from a diffusers folder or hub id."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    if not os.path.isdir(pretrained) and (pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1):
-        fail(f"model not found: {pretrained} (expected a diffusers pipeline folder or a hub id like "
-             f"stable-diffusion-v1-5/stable-diffusion-v1-5)")
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", dtype=ctx.frozen_dtype)
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", dtype=ctx.frozen_dtype)
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", dtype=torch.float32)
-        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    except (OSError, ValueError, EnvironmentError) as e:
-        fail(f"cannot load a Stable Diffusion pipeline from {pretrained}: {str(e).splitlines()[0][:300]}")
-    for m in (text_encoder, vae):
-        m.requires_grad_(False).eval().to(ctx.device)
-    return tokenizer, text_encoder, vae, unet.to(ctx.device), noise_scheduler
+def describe_setup(ctx, global_batch, micro_batch, accum, unit):
+    """The derived numbers and the reason for the dtype, printed once at the start."""
+    return (f"{ctx.world} process(es) on {ctx.device.type}; global batch {global_batch} {unit} = {ctx.world} x micro-batch "
+            f"{micro_batch} x {accum} accumulation steps; "
+            + ("bf16 autocast, fp32 trainable weights, bf16 frozen models" if ctx.cuda else "fp32 (CPU)"))
 
 
-def add_lora(unet, rank):
-    """peft LoRA adapters of rank `rank` on the attention projections (alpha = rank, so scale 1)."""
-    from peft import LoraConfig
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-
-
-def load_checkpoint_unet(unet, folder):
-    """Put the weights of a training checkpoint (out_dir/checkpoints/step_N) into `unet`, a base UNet.
-
-    For evaluating a run part-way: full fine-tunes hold the whole UNet, LoRA runs their adapters."""
-    from safetensors.torch import load_file
-    with open(os.path.join(folder, "state.json")) as f:
-        rank = json.load(f)["config"].get("lora_rank", 0)
-    state = load_file(os.path.join(folder, "model.safetensors"))
-    if rank:
-        from peft.utils import set_peft_model_state_dict
-        add_lora(unet, rank)
-        set_peft_model_state_dict(unet, state)
-    else:
-        unet.load_state_dict(state)
-    return unet
-
-
-def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True):
-    """Make the UNet trainable (fully, or through LoRA adapters) and build its frozen reference.
-
-    Returns (trainable parameters, reference forward function).
-    - full fine-tune: the reference is a frozen copy, in bf16 on CUDA;
-    - LoRA: the reference is the same module with its adapters disabled, so it costs no memory.
-    """
-    if lora_rank > 0:
-        unet.requires_grad_(False)
-        add_lora(unet, lora_rank)
-
-        def reference(x_t, t, emb):
-            unet.disable_adapters()  # always the unwrapped module: a no-grad forward needs no DDP hooks
-            try:
-                return unet(x_t, t, emb).sample
-            finally:
-                unet.enable_adapters()
-    elif need_reference:
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        if ctx.frozen_dtype != torch.float32:
-            ref_unet.to(ctx.frozen_dtype)
-
-        def reference(x_t, t, emb):
-            return ref_unet(x_t, t, emb).sample
-    else:  # SFT needs no reference
-        reference = None
-    if grad_checkpointing:
-        unet.enable_gradient_checkpointing()  # recompute activations in backward: less memory, ~30% more time
-    unet.train()
-    return [p for p in unet.parameters() if p.requires_grad], reference and torch.no_grad()(reference)
-
-
-def wrap_ddp(unet, ctx):
+def wrap_ddp(module, ctx):
+    """DistributedDataParallel over `module` with more than one process; the module itself otherwise."""
     if ctx.world == 1:
-        return unet
+        return module
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(unet, device_ids=[ctx.device.index] if ctx.cuda else None)
+    return DDP(module, device_ids=[ctx.device.index] if ctx.cuda else None)
+
+
+def sync_grads(ddp_model, ctx, micro, accum):
+    """DDP all-reduces gradients in backward; on every micro-step but the last, no_sync skips that."""
+    return ddp_model.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,89 +178,113 @@ def lr_at(step, lr, warmup):
     return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
-def add_noise_and_target(noise_scheduler, x0, noise, t):
-    from losses import diffusion_target
-    return noise_scheduler.add_noise(x0, noise, t), diffusion_target(noise_scheduler, x0, noise, t)
+def due(done, every, last):
+    """Whether an every-N-steps action (log, save, validate) runs after `done` steps; always at the last."""
+    return last or (every > 0 and done % every == 0)
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints: written whole or not at all, weights in safetensors, no pickle
+# checkpoints: written whole or not at all, verified when read, weights in safetensors, no pickle
 
-def trainable_state(unet, lora):
-    if lora:
-        from peft.utils import get_peft_model_state_dict
-        return get_peft_model_state_dict(unet)
-    return unet.state_dict()
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
-def save_checkpoint(out_dir, step, unet, lora, optimizer, config, keep=2):
+def save_checkpoint(out_dir, step, trainable, optimizer, config, keep=2):
     """out_dir/checkpoints/step_N/{model,optimizer}.safetensors + state.json, then `latest` -> step_N.
 
-    The folder is written under a temporary name and renamed when complete; `latest` is replaced
-    atomically after that. A process killed at any moment leaves the previous checkpoint intact.
+    trainable: the state dict to save (the whole UNet, or its LoRA adapters). state.json records each
+    weight file's size and sha256, so that a resume can tell a damaged file from a good one. The folder
+    is written under a temporary name and renamed when complete; `latest` is replaced atomically after
+    that. A process killed at any moment leaves the previous checkpoint intact.
     """
     from safetensors.torch import save_file
     root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
     name = f"step_{step:07d}"
-    tmp = os.path.join(root, f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable_state(unet, lora).items()},
-              os.path.join(tmp, "model.safetensors"))
     opt = optimizer.state_dict()
-    save_file({f"{pid}.{k}": v.contiguous().cpu() for pid, st in opt["state"].items() for k, v in st.items()},
-              os.path.join(tmp, "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "param_groups": opt["param_groups"], "rng": rng, "config": config}, f)
-    for fn in os.listdir(tmp):  # make the files durable before the rename publishes them
-        with open(os.path.join(tmp, fn), "rb") as f:
-            os.fsync(f.fileno())
-    final = os.path.join(root, name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-    old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
+    with atomic_path(os.path.join(root, name)) as tmp:
+        os.makedirs(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, os.path.join(tmp, "model.safetensors"))
+        save_file({f"{pid}.{k}": v.contiguous().cpu() for pid, st in opt["state"].items() for k, v in st.items()},
+                  os.path.join(tmp, "optimizer.safetensors"))
+        files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256_file(os.path.join(tmp, f))}
+                 for f in CHECKPOINT_FILES}
+        rng = {"torch": torch.get_rng_state().tolist()}
+        if torch.cuda.is_available():
+            rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "param_groups": opt["param_groups"], "rng": rng, "config": config,
+                       "files": files}, f)
+    with atomic_path(os.path.join(root, "latest")) as tmp:
+        with open(tmp, "w") as f:
+            f.write(name)
+    old = sorted(d for d in os.listdir(root) if d.startswith("step_") and ".tmp" not in d and d != name)
     for d in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def load_checkpoint(out_dir, unet, lora, optimizer, config, resume_keys):
-    """Restore the latest complete checkpoint; returns the step to continue from (0 if none)."""
+def checkpoint_problem(folder):
+    """None if the checkpoint folder is complete and its files are what state.json recorded, else why not."""
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"state.json unreadable ({one_line(e)})"
+    for name in CHECKPOINT_FILES:
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"{name} missing"
+    for name, want in state.get("files", {}).items():  # checkpoints from before this record are not verified
+        path = os.path.join(folder, name)
+        if os.path.getsize(path) != want["bytes"]:
+            return f"{name} has {os.path.getsize(path)} bytes, {want['bytes']} were written"
+        if sha256_file(path) != want["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def latest_good_checkpoint(out_dir, say=print):
+    """The newest complete, verified checkpoint folder of a run (or None), saying which damaged ones it passed."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    for name in sorted((d for d in os.listdir(root) if d.startswith("step_") and ".tmp" not in d), reverse=True):
+        problem = checkpoint_problem(os.path.join(root, name))
+        if problem is None:
+            return os.path.join(root, name)
+        say(f"checkpoint {name} is damaged ({problem}): trying the one before it")
+    return None
+
+
+def resume(out_dir, optimizer, config, resume_keys, say=print):
+    """Restore the optimizer and RNG state of the newest good checkpoint; returns (step, model tensors), the
+    tensors for model.load_trainable_state, or (0, None) when there is nothing to resume from.
+
+    Refuses (one line) a checkpoint trained with other values of `resume_keys`, and a run whose
+    checkpoints are all damaged."""
     from safetensors.torch import load_file
     root = os.path.join(out_dir, "checkpoints")
-    if not os.path.exists(os.path.join(root, "latest")):
-        return 0
-    with open(os.path.join(root, "latest")) as f:
-        folder = os.path.join(root, f.read().strip())
+    if not os.path.isdir(root) or not any(d.startswith("step_") and ".tmp" not in d for d in os.listdir(root)):
+        say("no checkpoint to resume from: starting at step 0")
+        return 0, None
+    folder = latest_good_checkpoint(out_dir, say)
+    if folder is None:
+        fail(f"cannot resume {out_dir}: every checkpoint in {root} is damaged; start again without --resume")
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     changed = [k for k in resume_keys if state["config"].get(k) != config.get(k)]
     if changed:
         fail(f"cannot resume {folder}: it was trained with other " + ", ".join(
             f"--{k} ({state['config'].get(k)} there, {config.get(k)} now)" for k in changed))
-    weights = load_file(os.path.join(folder, "model.safetensors"), device=str(next(unet.parameters()).device))
-    if lora:
-        from peft.utils import set_peft_model_state_dict
-        result = set_peft_model_state_dict(unet, weights)
-        if getattr(result, "unexpected_keys", None):
-            fail(f"checkpoint {folder} does not match this LoRA configuration")
-    else:
-        unet.load_state_dict(weights)
-    tensors = load_file(os.path.join(folder, "optimizer.safetensors"))
     opt_state = {}
-    for key, v in tensors.items():
+    for key, v in load_file(os.path.join(folder, "optimizer.safetensors")).items():
         pid, name = key.split(".", 1)
         opt_state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["rng"]["cuda"]])
-    return state["step"]
+    say(f"resumed from {folder} (step {state['step']})")
+    return state["step"], load_file(os.path.join(folder, "model.safetensors"))
 
 
 def clear_partial_checkpoints(out_dir):
@@ -280,41 +292,24 @@ def clear_partial_checkpoints(out_dir):
     root = os.path.join(out_dir, "checkpoints")
     if os.path.isdir(root):
         for d in os.listdir(root):
-            if d.startswith(".tmp-") or d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True) if os.path.isdir(os.path.join(root, d)) \
-                    else os.remove(os.path.join(root, d))
+            if ".tmp" in d:
+                path = os.path.join(root, d)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
-def export(out_dir, pretrained, unet, lora):
-    """The result in the layout users load: a LoRA file for `pipe.load_lora_weights(out_dir)`, or a full
-    pipeline for `StableDiffusionPipeline.from_pretrained(out_dir)` (the base's other parts, fp32)."""
-    from diffusers import StableDiffusionPipeline
-    tmp = os.path.join(out_dir, ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-        layers = convert_state_dict_to_diffusers({k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()})
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(pretrained, unet=unet, dtype=torch.float32)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    for name in os.listdir(tmp):  # move each part into place; a part is replaced only once complete
-        dst = os.path.join(out_dir, name)
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
-    os.rmdir(tmp)
+def latest_checkpoint_name(out_dir):
+    path = os.path.join(out_dir, "checkpoints", "latest")
+    return open(path).read().strip() if os.path.exists(path) else "none yet"
 
 
 # ------------------------------------------------------------------------------------------------
-# logging and validation
+# logging
 
 class Meter:
     """Averages metric dicts over micro-steps; `reduce` then averages them over ranks in one all-reduce."""
 
     def __init__(self):
-        self.sums, self.n = {}, 0
+        self.sums = {}
 
     def add(self, metrics):
         for k, v in metrics.items():
@@ -338,6 +333,13 @@ def nanmean(values):
     return sum(kept) / len(kept) if kept else float("nan")
 
 
+def window_record(done, window, grad_norms, lr, samples, seconds, unit):
+    """One log record for the steps of a window: each metric's mean, the mean gradient norm, throughput."""
+    return {"step": done, **{k: nanmean([w[k] for w in window]) for k in window[0]},
+            "grad_norm": torch.stack(grad_norms).mean().item(), "lr": lr,  # host sync
+            f"{unit}/s": round(samples / seconds, 3)}
+
+
 def log(out_dir, record, bar=None):
     """One readable line (through tqdm so the bar stays intact) and one JSONL record in out_dir/log.jsonl."""
     def fmt(v):
@@ -348,87 +350,8 @@ def log(out_dir, record, bar=None):
         f.write(json.dumps(record) + "\n")
 
 
-def validate(out_dir, step, pretrained, unet, vae, text_encoder, tokenizer, prompts, seeds, resolution, ctx,
-             steps=25, guidance=7.5):
-    """Fixed prompts and seeds through the current weights: out_dir/val/step_N.png, one row per prompt."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from evaluate import generate, save_grid
-    scheduler = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.eval()
-    t0 = time.time()
-    with ctx.autocast():
-        rows = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution, progress=False)
-    unet.train(was_training)
-    os.makedirs(os.path.join(out_dir, "val"), exist_ok=True)
-    path = os.path.join(out_dir, "val", f"step_{step:07d}.png")
-    save_grid(rows, path)
-    return path, time.time() - t0
-
-
 # ------------------------------------------------------------------------------------------------
-# the loop both trainers run
-
-def train_loop(args, ctx, model, unet, params, optimizer, micro_step, start_step, accum, unit, config, validate_fn):
-    """Accumulate `accum` micro-batches, clip, step; log, checkpoint and validate at their intervals.
-
-    micro_step(step, micro) -> (loss, metrics) computes one micro-batch's loss (the trainer's own part).
-    Gradients are all-reduced by DDP only on the last micro-step (no_sync on the others).
-    """
-    from tqdm import tqdm
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-               disable=not ctx.master, desc="training", dynamic_ncols=True)
-    window, norms, t0 = [], [], time.time()
-    for step in bar:
-        lr = lr_at(step, args.lr, args.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        meter = Meter()
-        for micro in range(accum):
-            sync = model.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext()
-            with sync:
-                loss, metrics = micro_step(step, micro)
-                (loss / accum).backward()
-            meter.add({"loss": loss.detach(), **metrics})
-        stats = meter.reduce()  # host sync: one small all-reduce a step, so every rank sees a bad loss
-        if not math.isfinite(stats["loss"]):
-            latest = os.path.join(args.out_dir, "checkpoints", "latest")
-            where = open(latest).read().strip() if os.path.exists(latest) else "none yet"
-            fail(f"non-finite loss at step {step + 1}; stopping before the update. Last good checkpoint: {where}")
-        norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(stats)
-        done, last = step + 1, step + 1 == args.max_steps
-        if done % args.log_every == 0 or last:
-            elapsed = time.time() - t0
-            record = {"step": done, **{k: nanmean([w[k] for w in window]) for k in window[0]},
-                      "grad_norm": torch.stack(norms).mean().item(), "lr": lr,  # host sync
-                      f"{unit}/s": round(len(window) * args.global_batch / elapsed, 3)}
-            if ctx.master:
-                log(args.out_dir, record, bar)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            window, norms, t0 = [], [], time.time()
-        if (args.save_every and done % args.save_every == 0) or last:
-            if ctx.master:
-                save_checkpoint(args.out_dir, done, unet, args.lora_rank > 0, optimizer, config, args.keep_checkpoints)
-            barrier()
-        if validate_fn is not None and ((args.val_every and done % args.val_every == 0) or last):
-            if ctx.master:
-                path, secs = validate_fn(done)
-                bar.write(f"validation grid: {path} ({secs:.1f}s)")
-            barrier()
-    if ctx.master:
-        export(args.out_dir, args.pretrained, unet, args.lora_rank > 0)
-        print(f"saved {'LoRA weights' if args.lora_rank else 'the pipeline'} to {args.out_dir}")
-    barrier()
-
-
-# ------------------------------------------------------------------------------------------------
-# the flags and the set-up both trainers share
+# the flags both trainers share
 
 DEFAULT_VAL_PROMPTS = "a photo of a cat sitting on a windowsill|a red sports car on a mountain road|" \
                       "a watercolor painting of a lighthouse at sunset|a bowl of ramen, studio lighting"
@@ -444,7 +367,7 @@ def base_parser(description):
     a("--out_dir", required=True, help="where checkpoints, logs, validation grids and the final weights go")
     a("--max_steps", type=int, help="optimizer steps to train for")
     a("--lora_rank", type=int, default=0, help="0: fine-tune the whole UNet; R>0: train rank-R LoRA adapters (peft)")
-    a("--resume", action="store_true", help="continue from out_dir's latest checkpoint (same flags required)")
+    a("--resume", action="store_true", help="continue from out_dir's newest good checkpoint (same flags required)")
     a("--global_batch", type=int, help="samples per optimizer step over all processes; accumulation is derived")
     a("--micro_batch", type=int, default=1, help="samples per process per forward pass")
     a("--lr", type=float, help="peak learning rate (linear warm-up, then constant)")
@@ -469,67 +392,9 @@ def base_parser(description):
     return p
 
 
-def start(args, load_feedback, ok_mask, what):
-    """Set-up shared by both trainers: processes, models, feedback data and its cache.
-
-    load_feedback(path) -> data.Feedback; ok_mask(fb, valid) -> which feedback rows have all images readable.
-    Returns (ctx, accum, models dict, fb, cache).
-    """
-    from data import LatentCache, build_cache
-    ctx = setup(args.seed)
-    accum = accumulation(args.global_batch, args.micro_batch, ctx.world)
-    say = print if ctx.master else (lambda *a, **k: None)
-    say(f"{ctx.world} process(es) on {ctx.device.type}; global batch {args.global_batch} {what} = {ctx.world} x micro-batch "
-        f"{args.micro_batch} x {accum} accumulation steps; "
-        + ("bf16 autocast, fp32 trainable weights, bf16 frozen models" if ctx.cuda else "fp32 (CPU)"))
-    fb = load_feedback(args.data)  # before the models: a wrong data path should not wait for SD1.5 to load
-    if len(fb) == 0:
-        fail(f"no usable {what} in {args.data}: " + fb.summary(what))
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args.pretrained, ctx)
-    os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
-    folder = build_cache(fb, args.cache_dir, vae, text_encoder, tokenizer, args.resolution, args.random_flip,
-                         ctx.device, ctx.frozen_dtype, ctx.rank, ctx.world, barrier, args.strict, ctx.master)
-    cache = LatentCache(folder)
-    fb.keep(ok_mask(fb, cache.valid.numpy()), "unreadable image")
-    say(f"data: {fb.summary(what)}; cache {folder}")
-    if len(fb) == 0:
-        fail(f"no usable {what} left in {args.data} after skipping unreadable images")
-    if args.val_every < 0:  # the VAE and text encoder are needed again only to draw validation images
-        text_encoder = vae = None
-    models = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler)
-    return ctx, accum, models, fb, cache
-
-
-def make_optimizer_and_resume(args, ctx, unet, need_reference, config, resume_keys):
-    """LoRA or full policy, its reference, DDP, AdamW, and the state of a resumed run."""
-    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference)
-    n_params = sum(p.numel() for p in params)
-    model = wrap_ddp(unet, ctx)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    if ctx.master:
-        clear_partial_checkpoints(args.out_dir)
-        print(f"trainable parameters: {n_params / 1e6:.2f}M ({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
-    start_step = 0
-    if args.resume:
-        barrier()
-        start_step = load_checkpoint(args.out_dir, unet, args.lora_rank > 0, optimizer, config, resume_keys)
-        if ctx.master:
-            print(f"resumed from step {start_step}" if start_step else "no checkpoint to resume from: starting at step 0")
-    if start_step >= args.max_steps and ctx.master:
-        print(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
-    return model, params, reference, optimizer, start_step
-
-
-def validation(args, ctx, models):
-    """The validation function train_loop calls (None when validation is off)."""
-    if args.val_every < 0:
-        return None
-    if os.path.isfile(args.val_prompts):
-        with open(args.val_prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    else:
-        prompts = [p.strip() for p in args.val_prompts.split("|") if p.strip()]
-    seeds = list(range(args.val_seeds))
-    m = models
-    return lambda step: validate(args.out_dir, step, args.pretrained, m["unet"], m["vae"], m["text_encoder"],
-                                 m["tokenizer"], prompts, seeds, args.resolution, ctx, steps=args.val_steps)
+def val_prompts(spec):
+    """--val_prompts: a text file, one prompt a line, or prompts separated by |."""
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            return [line.strip() for line in f if line.strip()]
+    return [p.strip() for p in spec.split("|") if p.strip()]

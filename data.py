@@ -1,18 +1,14 @@
-"""Feedback data in the formats users have, and the one-off cache of VAE latents and text embeddings.
+"""Feedback data in the formats users have, read into one shape in memory, and image decoding.
 
 Two kinds of feedback, one shape in memory:
 - pairs (Diffusion-DPO): caption index, winner image index, loser image index
 - single images (Diffusion-KTO): caption index, image index, label +1 liked / -1 disliked
 Images are referenced, not loaded: a file path, or (parquet file, row, column) for Pick-a-Pic, so a
-335 GB dataset is indexed in memory from its small columns and its JPEGs are read once, by the cache.
-
-The cache (see build_cache) holds everything that does not change during training: the VAE posterior
-of every image (and of its mirror image) and the text embedding of every caption. Training then never
-runs the VAE or the text encoder.
+335 GB dataset is indexed in memory from its small columns and its JPEGs are read once, by the cache
+(cache.py), which is where latents and text embeddings are made.
 """
 import fnmatch
 import glob
-import hashlib
 import io
 import json
 import os
@@ -20,15 +16,11 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from PIL import Image
 
+from common import fail, one_line
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def fail(msg):
-    """One clear line for the user instead of a traceback."""
-    raise SystemExit(f"error: {msg}")
 
 
 @dataclass
@@ -37,6 +29,7 @@ class Feedback:
     captions: list  # unique captions
     paths: list = None  # image i -> file path, for folder/JSONL data
     parquet_files: list = None  # for Pick-a-Pic data: image i -> (parquet_files[file[i]], row[i], column col[i])
+    row_groups: list = None  # for Pick-a-Pic data: the row-group sizes of each parquet file
     file: np.ndarray = None
     row: np.ndarray = None
     col: np.ndarray = None
@@ -74,6 +67,12 @@ class Feedback:
         notes = "".join(f"; {k}: {v}" for k, v in sorted(self.notes.items()))
         return f"{int((self.label > 0).sum())} desirable, {int((self.label < 0).sum())} undesirable{notes}"
 
+    def describe_image(self, i):
+        """Where image i comes from, for an error message."""
+        if self.paths is not None:
+            return self.paths[i]
+        return f"{self.parquet_files[self.file[i]]} row {self.row[i]} jpg_{self.col[i]}"
+
     def keep(self, mask, reason):
         """Drop the feedback rows where mask is False, counting them under `reason`."""
         mask = np.asarray(mask, dtype=bool)
@@ -86,7 +85,8 @@ class Feedback:
 # ------------------------------------------------------------------------------------------------
 # pairs: Pick-a-Pic v2 parquet, or a JSONL of {"caption", "chosen", "rejected"} image paths
 
-PICKAPIC_META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid"]
+PICKAPIC_REQUIRED = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+PICKAPIC_META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid"]  # what the loaders read up front
 
 
 def hub_split_patterns(split):
@@ -124,33 +124,72 @@ def parquet_files(path):
     return files
 
 
-def read_pickapic_index(path):
-    """Read the small columns of Pick-a-Pic parquet files: one entry per pair, images per (file, row, column)."""
+def read_pickapic(files, columns, same_schema=False):
+    """The columns `columns` of Pick-a-Pic parquet files as one arrow table (rows in file order, a column a
+    file lacks as nulls), and each file's row-group sizes (to read images later without scanning).
+    Every file must have the columns a pair needs; same_schema: also the same schema as the first file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    files = parquet_files(path)
-    rows = []
-    for fi, f in enumerate(files):
+    tables, groups, first = [], [], None
+    for f in files:
         try:
-            schema = pq.read_schema(f)
+            pf = pq.ParquetFile(f)
         except Exception as e:
-            fail(f"cannot read parquet file {f}: {e}")
-        missing = [c for c in ["caption", "label_0", "label_1", "jpg_0", "jpg_1"] if c not in schema.names]
+            fail(f"cannot read parquet file {f}: {one_line(e)}")
+        names = pf.schema_arrow.names
+        missing = [c for c in PICKAPIC_REQUIRED if c not in names]
         if missing:
-            fail(f"{f} lacks the Pick-a-Pic column(s) {missing}")
-        cols = [c for c in PICKAPIC_META if c in schema.names]
-        table = pq.read_table(f, columns=cols).to_pydict()
-        n = len(table["caption"])
-        uid0, uid1 = table.get("image_0_uid", [None] * n), table.get("image_1_uid", [None] * n)
-        rows += zip([fi] * n, range(n), table["caption"], table["label_0"], table["label_1"], uid0, uid1)
-    return files, rows
+            fail(f"{f} lacks the Pick-a-Pic column(s) {missing}; it has {names}")
+        first = first or pf.schema_arrow
+        if same_schema and not pf.schema_arrow.equals(first):
+            fail(f"{f} has another schema than {files[0]}; use them separately")
+        t = pf.read(columns=[c for c in columns if c in names])
+        for c in columns:
+            if c not in names:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        tables.append(t.select(columns))
+        groups.append([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    return pa.concat_tables(tables), groups
+
+
+def pickapic_batches(files, groups, wanted, columns=None, batch_rows=1024):
+    """(first row, record batch) of each batch of at most batch_rows rows that holds a wanted row.
+
+    Batches never cross a row group and their row numbers come from the metadata, so a row group
+    without a wanted row is not even read. wanted: (N,) bool over all files' rows in order."""
+    import pyarrow.parquet as pq
+    start = 0
+    for f, sizes in zip(files, groups):
+        pf = None
+        for g, rows in enumerate(sizes):
+            at = start
+            if wanted[start:start + rows].any():
+                pf = pf or pq.ParquetFile(f)
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
+                    if wanted[at:at + batch.num_rows].any():
+                        yield at, batch
+                    at += batch.num_rows
+            start += rows
+
+
+def read_pickapic_index(path):
+    """The small columns of Pick-a-Pic parquet files: one entry per pair, images per (file, row, column)."""
+    files = parquet_files(path)
+    table, groups = read_pickapic(files, PICKAPIC_META)
+    sizes = [sum(g) for g in groups]
+    file_of = np.repeat(np.arange(len(files)), sizes).tolist()
+    row_of = np.concatenate([np.arange(n) for n in sizes]).tolist() if sizes else []
+    t = table.to_pydict()
+    rows = list(zip(file_of, row_of, t["caption"], t["label_0"], t["label_1"], t["image_0_uid"], t["image_1_uid"]))
+    return files, groups, rows
 
 
 def load_pairs(path):
     """Pairs for Diffusion-DPO. Ties (0.5/0.5) are dropped and counted, as the official code does."""
     if path.endswith(".jsonl") and os.path.exists(path):
         return load_pairs_jsonl(path)
-    files, rows = read_pickapic_index(path)
-    fb = Feedback(captions=[], parquet_files=files, source=path)
+    files, groups, rows = read_pickapic_index(path)
+    fb = Feedback(captions=[], parquet_files=files, row_groups=groups, source=path)
     cap_id, file_, row_, col_, cap, win, lose = {}, [], [], [], [], [], []
     for fi, r, caption, l0, l1, _, _ in rows:
         if not caption or not str(caption).strip():
@@ -210,22 +249,17 @@ def read_images(fb, indices):
         for k, i in enumerate(indices):
             out[k] = decode(fb.paths[i])
         return out
-    import pyarrow.parquet as pq
-    by_file = {}
+    offsets = np.cumsum([0] + [sum(g) for g in fb.row_groups])  # first global row of each file
+    at = {}  # global row -> positions k in `indices` that want an image of it
     for k, i in enumerate(indices):
-        by_file.setdefault(int(fb.file[i]), []).append(k)
-    for fi, ks in by_file.items():  # read only the row groups that hold the wanted rows, once
-        pf = pq.ParquetFile(fb.parquet_files[fi])
-        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-        wanted = sorted({int(np.searchsorted(starts, fb.row[indices[k]], side="right") - 1) for k in ks})
-        table = pf.read_row_groups(wanted, columns=["jpg_0", "jpg_1"])
-        offset = {g: int(sum(starts[h + 1] - starts[h] for h in wanted if h < g)) for g in wanted}
-        cols = {c: table.column(f"jpg_{c}") for c in (0, 1)}
-        for k in ks:
-            i = indices[k]
-            g = int(np.searchsorted(starts, fb.row[i], side="right") - 1)
-            local = offset[g] + int(fb.row[i] - starts[g])
-            out[k] = decode(cols[int(fb.col[i])][local].as_py())
+        at.setdefault(int(offsets[fb.file[i]] + fb.row[i]), []).append(k)
+    wanted = np.zeros(offsets[-1], bool)
+    wanted[list(at)] = True
+    for start, batch in pickapic_batches(fb.parquet_files, fb.row_groups, wanted, ["jpg_0", "jpg_1"]):
+        cols = (batch.column("jpg_0"), batch.column("jpg_1"))
+        for r in np.flatnonzero(wanted[start:start + batch.num_rows]):
+            for k in at[start + int(r)]:
+                out[k] = decode(cols[int(fb.col[indices[k]])][int(r)].as_py())
     return out
 
 
@@ -239,155 +273,6 @@ def decode(src):
         return img.convert("RGB")
     except Exception:  # unreadable: the caller counts it and reports it
         return None
-
-
-def to_tensor(img, resolution):
-    """Resize the shorter side to `resolution` (bicubic), center-crop a square, scale to [-1, 1]. (3,H,W)"""
-    w, h = img.size
-    s = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
-
-
-# ------------------------------------------------------------------------------------------------
-# the cache of VAE latents and text embeddings
-
-CACHE_VERSION = 2
-CHUNK = 1024  # images (or captions) per cache file; each file is written whole or not at all
-ENCODE_BATCH = 8  # images per VAE forward: a 512 px batch of 8 fits any GPU that trains SD1.5
-
-
-def fingerprint(fb, resolution, flip, vae, text_encoder, tokenizer):
-    """A key that changes whenever the data, the models or the preprocessing change.
-
-    Data: every image reference with the size and modification time of its file, and the captions.
-    Models: a hash of the VAE and text-encoder weights themselves (not their path) and of the token
-    ids of every caption, so a stale cache is never used for other data, model or resolution.
-    """
-    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "res": resolution, "flip": flip}).encode())
-    files = fb.paths if fb.paths is not None else fb.parquet_files
-    for p in files:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    if fb.paths is None:
-        for a in (fb.file, fb.row, fb.col):
-            h.update(np.ascontiguousarray(a).tobytes())
-    for c in fb.captions:
-        h.update(c.encode() + b"\0")
-    for model in (vae, text_encoder):
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-    ids = tokenizer(fb.captions[:1000] + [""], padding="max_length", truncation=True,
-                    max_length=tokenizer.model_max_length).input_ids
-    h.update(np.asarray(ids, np.int64).tobytes())
-    return h.hexdigest()[:20]
-
-
-def save_atomic(tensors, path):
-    """Write a safetensors file so that it is either complete or absent, never half-written."""
-    from safetensors.torch import save_file
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def build_cache(fb, cache_root, vae, text_encoder, tokenizer, resolution, flip, device, dtype,
-                rank=0, world=1, barrier=lambda: None, strict=False, progress=True):
-    """Encode every image and caption once; every rank encodes its share of the chunks in parallel.
-
-    Per image we store the VAE posterior N(mean, std^2) (times the scaling factor), not one sample of
-    it: training draws x0 = mean + std * noise afresh each time, exactly as `latent_dist.sample()`
-    would on the fly. With `flip`, the posterior of the mirrored image is stored too, and training
-    picks one of the two by a coin toss per image per step (the paper flips w and l independently).
-    Chunks already on disk are kept, so an interrupted cache pass resumes where it stopped.
-    Returns the cache folder.
-    """
-    from tqdm import tqdm
-    key = fingerprint(fb, resolution, flip, vae, text_encoder, tokenizer)
-    folder = os.path.join(cache_root, key)
-    os.makedirs(folder, exist_ok=True)
-    if os.path.exists(os.path.join(folder, "meta.json")):
-        return folder
-    scale = vae.config.scaling_factor
-    n_img, n_cap = fb.num_images, len(fb.captions) + 1  # the last caption is "" for prompt dropout
-    img_chunks = [(f"images-{c:06d}.safetensors", c * CHUNK, min(n_img, (c + 1) * CHUNK)) for c in range((n_img + CHUNK - 1) // CHUNK)]
-    cap_chunks = [(f"texts-{c:06d}.safetensors", c * CHUNK, min(n_cap, (c + 1) * CHUNK)) for c in range((n_cap + CHUNK - 1) // CHUNK)]
-    todo = [ch for ch in (img_chunks + cap_chunks)[rank::world] if not os.path.exists(os.path.join(folder, ch[0]))]
-    bar = tqdm(todo, desc=f"caching latents and embeddings (rank {rank})", disable=not progress or rank != 0)
-    for name, lo, hi in bar:
-        if name.startswith("texts"):
-            texts = (fb.captions + [""])[lo:hi]
-            ids = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                            return_tensors="pt").input_ids.to(device)
-            emb = torch.cat([text_encoder(b).last_hidden_state.to(torch.float16).cpu()  # (n, 77, d): what the UNet attends to
-                             for b in ids.split(64 * ENCODE_BATCH)])
-            save_atomic({"emb": emb}, os.path.join(folder, name))
-            continue
-        images = read_images(fb, list(range(lo, hi)))
-        valid = torch.tensor([im is not None for im in images], dtype=torch.uint8)
-        if strict and not valid.all():
-            bad = lo + int((valid == 0).nonzero()[0])
-            fail(f"image {describe_image(fb, bad)} is missing or corrupt (drop --strict to skip such pairs)")
-        out = {"valid": valid}
-        for suffix in ["", "_flip"] if flip else [""]:
-            means, stds = [], []
-            for b in range(0, len(images), ENCODE_BATCH):
-                x = torch.stack([to_tensor(im, resolution) if im is not None else torch.zeros(3, resolution, resolution)
-                                 for im in images[b:b + ENCODE_BATCH]])  # (n,3,H,W) in [-1, 1]
-                post = vae.encode((x.flip(-1) if suffix else x).to(device, dtype)).latent_dist
-                means.append((post.mean * scale).to(torch.float16).cpu())  # (n,4,H/8,W/8)
-                stds.append((post.std * scale).to(torch.float16).cpu())
-            out["mean" + suffix], out["std" + suffix] = torch.cat(means), torch.cat(stds)
-        save_atomic(out, os.path.join(folder, name))
-    barrier()
-    if rank == 0:
-        with open(os.path.join(folder, "meta.tmp"), "w") as f:
-            json.dump({"images": n_img, "captions": n_cap, "resolution": resolution, "flip": flip,
-                       "source": fb.source}, f)
-        os.replace(os.path.join(folder, "meta.tmp"), os.path.join(folder, "meta.json"))
-    barrier()
-    return folder
-
-
-def describe_image(fb, i):
-    if fb.paths is not None:
-        return fb.paths[i]
-    return f"{fb.parquet_files[fb.file[i]]} row {fb.row[i]} jpg_{fb.col[i]}"
-
-
-class LatentCache:
-    """Read-only access to a built cache; files are memory-mapped, so a large cache costs no RAM."""
-
-    def __init__(self, folder):
-        import functools
-        from safetensors import safe_open
-        with open(os.path.join(folder, "meta.json")) as f:
-            self.meta = json.load(f)
-        # at most 256 files open at once: a full Pick-a-Pic cache has thousands, more than a process may open
-        self.open = functools.lru_cache(maxsize=256)(lambda name: safe_open(os.path.join(folder, name), framework="pt"))
-        n_files = (self.meta["images"] + CHUNK - 1) // CHUNK
-        self.valid = torch.cat([self.open(f"images-{c:06d}.safetensors").get_tensor("valid") for c in range(n_files)]).bool()
-        self.empty_caption = self.meta["captions"] - 1
-
-    def _get(self, prefix, key, i):
-        return self.open(f"{prefix}-{i // CHUNK:06d}.safetensors").get_slice(key)[i % CHUNK:i % CHUNK + 1][0]
-
-    def latent(self, i, flipped, noise):
-        """One draw x0 = mean + std * noise from image i's stored VAE posterior (or its mirror's). (4,h,w)"""
-        suffix = "_flip" if flipped else ""
-        return self._get("images", "mean" + suffix, i).float() + self._get("images", "std" + suffix, i).float() * noise
-
-    def text(self, c):
-        return self._get("texts", "emb", c).float()  # (77, d)
-
-    def latent_shape(self):
-        return tuple(self._get("images", "mean", 0).shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -625,8 +510,8 @@ def singles_from_pickapic(path, policy):
     tied, undesirable if never preferred, skipped and counted if preferred in some pairs only (like the
     authors' intersections). An image keeps the caption and the parquet copy of its first pair.
     """
-    files, rows = read_pickapic_index(path)
-    fb = Feedback(captions=[], parquet_files=files, source=f"{path} (pairs -> images, policy {policy})")
+    files, groups, rows = read_pickapic_index(path)
+    fb = Feedback(captions=[], parquet_files=files, row_groups=groups, source=f"{path} (pairs -> images, policy {policy})")
     outcome = {(1.0, 0.0): (0, 1), (0.0, 1.0): (1, 0), (0.5, 0.5): (2, 2)}  # which count each image of the pair adds to
     counts = np.zeros((2 * len(rows), 3), np.int64)  # per unique image: pairs won, lost, tied
     key_of, ref, caption = {}, [], []

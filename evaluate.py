@@ -15,8 +15,8 @@ Writes to --out: images/<model>/<prompt>_s<seed>.png (a rerun skips images alrea
 scores.json (every score), results.md (the tables, also printed) and grid.png (one row per prompt,
 one column per model, each cell the model's median image under the first scorer).
 
-The scorers themselves are in scorers.py. Importable too: the trainers use `generate` and `save_grid` for
-their validation grids.
+The scorers themselves are in scorers.py, the pipelines in model.py. This file also draws the trainers'
+validation grids (`validate`), with the same generation and the same labelled grid.
 """
 import argparse
 import csv
@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, SCORERS, load_scorers, one_line
+from common import atomic_path, fail, write_json
+from model import load_pipeline, load_scheduler, model_kind, sampling_pipeline
+from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, SCORERS, load_scorers
 
 # ------------------------------------------------------------------------------------------------
 # generation
@@ -62,19 +64,76 @@ def generate(pipe, prompts, seeds, steps=50, guidance=7.5, resolution=None, batc
 def save_png(image, path):
     """Write then rename: a reader, or a rerun that skips images on disk, never sees half a PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image.save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
-def save_grid(rows, path):
-    """Paste rows of PIL images into one PNG, one row per list; cells are the size of the largest image."""
-    cell_w = max(im.width for row in rows for im in row)
-    cell_h = max(im.height for row in rows for im in row)
-    grid = Image.new("RGB", (cell_w * max(len(row) for row in rows), cell_h * len(rows)), "white")
+def save_grid(rows, path, columns=None, prompts=None, min_cell=0):
+    """Paste rows of PIL images into one PNG, one row per list. Cells are the size of the largest image,
+    scaled up by a whole factor (nearest neighbour, so pixels stay sharp) until at least `min_cell` px.
+    columns: a header label per column; prompts: a label beside each row (wrapped)."""
+    from PIL import ImageDraw, ImageFont
+    w = max(im.width for row in rows for im in row)
+    h = max(im.height for row in rows for im in row)
+    k = max(1, -(-min_cell // max(w, h)))  # ceil(min_cell / side)
+    cw, ch = w * k, h * k
+    font = ImageFont.load_default(size=14)
+    line_h = 18
+    left = 220 if prompts else 0
+    top = line_h + 8 if columns else 0
+    n_cols = max(len(row) for row in rows)
+    grid = Image.new("RGB", (left + cw * n_cols, top + ch * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(columns or []):
+        draw.text((left + c * cw + 4, 4), fit(draw, str(name), font, cw - 8), fill="black", font=font)
     for r, row in enumerate(rows):
+        if prompts:
+            lines = wrap(draw, prompts[r], font, left - 12)[:max(1, ch // line_h)]
+            for n, line in enumerate(lines):
+                draw.text((6, top + r * ch + 4 + n * line_h), line, fill="black", font=font)
         for c, im in enumerate(row):
-            grid.paste(im.convert("RGB"), (c * cell_w, r * cell_h))
+            grid.paste(im.convert("RGB").resize((cw, ch), Image.NEAREST) if k > 1 else im.convert("RGB"),
+                       (left + c * cw, top + r * ch))
     save_png(grid, path)
+
+
+def wrap(draw, text, font, width):
+    """Words of `text` in lines no wider than `width` pixels."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(fit(draw, word, font, width))
+    return lines or [""]
+
+
+def fit(draw, text, font, width):
+    """`text`, cut with an ellipsis to at most `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def validate(out_dir, step, models, pretrained, prompts, seeds, resolution, ctx, steps=25, guidance=7.5):
+    """The trainers' validation grid: fixed prompts and seeds through the current weights, out_dir/val/step_N.png,
+    one row per prompt (its text beside it), one column per seed."""
+    import time
+    from diffusers import DDIMScheduler
+    pipe = sampling_pipeline(models, DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler"))
+    unet = models.unet
+    was_training = unet.training
+    unet.eval()
+    t0 = time.time()
+    with ctx.autocast():
+        rows = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution, progress=False)
+    unet.train(was_training)
+    os.makedirs(os.path.join(out_dir, "val"), exist_ok=True)
+    path = os.path.join(out_dir, "val", f"step_{step:07d}.png")
+    save_grid(rows, path, columns=[f"step {step}, seed {s}" for s in seeds], prompts=prompts, min_cell=128)
+    return path, time.time() - t0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,13 +165,13 @@ def read_prompt_file(path):
         import pyarrow.parquet as pq
         rows = pq.read_table(path).to_pylist()
     else:
-        raise SystemExit(f"{path}: unsupported prompts file (use .txt, .json, .jsonl, .csv, .tsv or .parquet)")
+        fail(f"{path}: unsupported prompts file (use .txt, .json, .jsonl, .csv, .tsv or .parquet)")
     if not rows or not isinstance(rows[0], dict):  # .txt lines, or a .json list of strings
         return [str(r).strip() for r in rows if str(r).strip()]
     columns = {k.lower(): k for k in rows[0]}  # PartiPrompts spells it 'Prompt'
     column = next((columns[c] for c in PROMPT_COLUMNS if c in columns), None)
     if column is None:
-        raise SystemExit(f"{path}: no column named one of {PROMPT_COLUMNS} (found {list(columns.values())})")
+        fail(f"{path}: no column named one of {PROMPT_COLUMNS} (found {list(columns.values())})")
     return [str(r[column]).strip() for r in rows if r[column] and str(r[column]).strip()]
 
 
@@ -121,63 +180,18 @@ def load_prompts(spec):
     if os.path.isfile(spec):
         return read_prompt_file(spec)
     if spec not in PROMPT_SETS:
-        raise SystemExit(f"--prompts {spec}: no such file, and not a named set ({', '.join(PROMPT_SETS)})")
+        fail(f"--prompts {spec}: no such file, and not a named set ({', '.join(PROMPT_SETS)})")
     repo, pattern = PROMPT_SETS[spec]
     from huggingface_hub import snapshot_download
     try:
         folder = snapshot_download(repo, repo_type="dataset", allow_patterns=[pattern])
     except Exception as e:
-        raise SystemExit(f"prompt set {spec!r} comes from the hub dataset {repo}, which is not reachable "
+        fail(f"prompt set {spec!r} comes from the hub dataset {repo}, which is not reachable "
                          f"({type(e).__name__}); pass a prompts file (.txt, .jsonl, .csv) instead")
     files = sorted(glob.glob(os.path.join(folder, pattern)))
     if not files:
-        raise SystemExit(f"prompt set {spec!r}: no file matching {pattern} in {repo}")
+        fail(f"prompt set {spec!r}: no file matching {pattern} in {repo}")
     return [p for f in files for p in read_prompt_file(f)]
-
-
-# ------------------------------------------------------------------------------------------------
-# models
-
-def model_kind(source):
-    """What our trainers left in a folder: 'pipeline' (full fine-tune), 'lora', 'unet', or None."""
-    if os.path.isfile(os.path.join(source, "model_index.json")):  # checked first: it also has unet/config.json
-        return "pipeline"
-    if os.path.isfile(os.path.join(source, "pytorch_lora_weights.safetensors")):
-        return "lora"
-    if os.path.isfile(os.path.join(source, "config.json")):
-        return "unet"  # a bare UNet folder: config.json + diffusion_pytorch_model.safetensors
-    if os.path.isfile(os.path.join(source, "model.safetensors")) and os.path.isfile(os.path.join(source, "state.json")):
-        return "checkpoint"  # a trainer checkpoint, out_dir/checkpoints/step_N: a run part-way
-    return None
-
-
-def load_pipeline(base, source, scheduler, device, dtype):
-    """The base pipeline, or the base with a fine-tuned UNet / LoRA, or a whole fine-tuned pipeline.
-
-    Every model gets the base's scheduler, so that only the weights differ between columns.
-    """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    common = dict(dtype=dtype, scheduler=scheduler, safety_checker=None, requires_safety_checker=False)
-    kind = model_kind(source) if source else "base"
-    pipe = StableDiffusionPipeline.from_pretrained(source if kind == "pipeline" else base, **common)
-    if kind == "lora":
-        pipe.load_lora_weights(source)
-    elif kind == "unet":
-        pipe.unet = UNet2DConditionModel.from_pretrained(source, dtype=dtype)
-    elif kind == "checkpoint":
-        from common import load_checkpoint_unet
-        load_checkpoint_unet(pipe.unet, source)
-    return pipe.to(device)
-
-
-def load_scheduler(base):
-    """The base pipeline's scheduler, whatever its class (PNDM for the SD1.5 release)."""
-    import diffusers
-    try:
-        _, cls = diffusers.DiffusionPipeline.load_config(base)["scheduler"]  # e.g. ["diffusers", "PNDMScheduler"]
-        return getattr(diffusers, cls).from_pretrained(base, subfolder="scheduler")
-    except Exception as e:
-        raise SystemExit(f"cannot load the base pipeline {base!r}: {one_line(e)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +263,8 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=8,
                    help="images per pipeline call; a rerun must keep it to reuse images (rounding may depend on it)")
     p.add_argument("--scorers", default="pickscore,clip,aesthetic,hpsv2,imagereward",
-                   help=f"comma-separated, from {', '.join(SCORERS)}; the first picks the grid's images")
+                   help=f"comma-separated, from {', '.join(SCORERS)}, or module:function, your own "
+                        f"f(images, prompts) -> one number per image; the first picks the grid's images")
     p.add_argument("--pickscore_model", default=PICKSCORE_MODEL, help="PickScore: hub id or folder")
     p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR, help="its processor")
     p.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP for the CLIP score")
@@ -272,12 +287,12 @@ def parse_models(specs):
         name, _, path = spec.partition("=")
         new_name = name not in (*models, "base") and all(c.isalnum() or c in "-_." for c in name)
         if not name or not path or not new_name:
-            raise SystemExit(f"--model {spec!r}: want NAME=DIR with a new name of letters, digits, - _ . "
+            fail(f"--model {spec!r}: want NAME=DIR with a new name of letters, digits, - _ . "
                              "('base' is the pretrained pipeline)")
         if not os.path.isdir(path):
-            raise SystemExit(f"--model {name}={path}: no such folder")
+            fail(f"--model {name}={path}: no such folder")
         if model_kind(path) is None:
-            raise SystemExit(f"--model {name}={path}: not a pipeline folder (model_index.json), a LoRA folder "
+            fail(f"--model {name}={path}: not a pipeline folder (model_index.json), a LoRA folder "
                              "(pytorch_lora_weights.safetensors), a UNet folder (config.json) or a trainer checkpoint "
                              "(model.safetensors + state.json)")
         models[name] = os.path.abspath(path)
@@ -299,13 +314,12 @@ def check_resume(out, run):
         changed += ["prompts"] * (old["prompts"][:k] != run["prompts"][:k])
         changed += [f"model {m}" for m, src in old["models"].items() if run["models"].get(m, src) != src]
         if changed:
-            raise SystemExit(f"{out} holds images made with another {', '.join(changed)}: "
+            fail(f"{out} holds images made with another {', '.join(changed)}: "
                              f"use another --out, or delete {os.path.join(out, 'images')}")
         run = dict(run, models=dict(old["models"], **run["models"]))
         run["prompts"] = max(old["prompts"], run["prompts"], key=len)
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(run, f, indent=1)
+    write_json(run, path, indent=1)
 
 
 def nan_to_none(x):
@@ -326,7 +340,7 @@ def main(argv=None):
     names = list(models)
     prompts = load_prompts(args.prompts)[:args.max_prompts]
     if not prompts:
-        raise SystemExit(f"--prompts {args.prompts}: no prompts in it")
+        fail(f"--prompts {args.prompts}: no prompts in it")
     seeds = list(range(args.seed, args.seed + args.n))
     P, N = len(prompts), len(seeds)
     print(f"{len(names)} models x {P} prompts x {N} seeds = {len(names) * P * N} images; "
@@ -381,19 +395,18 @@ def main(argv=None):
               f"guidance {args.guidance}, {type(scheduler).__name__}")
     table = results_table(names, list(scorers), means, win_rates, header)
     print(table)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with atomic_path(os.path.join(args.out, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(table)
     as_lists = lambda d: {m: {s: v.tolist() for s, v in per.items()} for m, per in d.items()}
     result = dict(settings=vars(args), models=models, prompts=prompts, seeds=seeds, scores=as_lists(scores),
                   median_score=as_lists(median), median_seed={m: {s: [seeds[k] for k in v] for s, v in per.items()}
                                                               for m, per in median_at.items()},
                   mean_score=means, win_rate=win_rates)
-    with open(os.path.join(args.out, "scores.json.tmp"), "w") as f:
-        json.dump(nan_to_none(result), f, indent=1)
-    os.replace(os.path.join(args.out, "scores.json.tmp"), os.path.join(args.out, "scores.json"))
+    write_json(nan_to_none(result), os.path.join(args.out, "scores.json"), indent=1)
     first = next(iter(scorers))  # the grid shows each model's median image under the first scorer
-    save_grid([[Image.open(image_path(m, i, seeds[median_at[m][first][i]])) for m in names]
-               for i in range(min(P, args.grid_prompts))], os.path.join(args.out, "grid.png"))
+    shown = range(min(P, args.grid_prompts))
+    save_grid([[Image.open(image_path(m, i, seeds[median_at[m][first][i]])) for m in names] for i in shown],
+              os.path.join(args.out, "grid.png"), columns=names, prompts=[prompts[i] for i in shown], min_cell=128)
     print(f"wrote {args.out}/scores.json, results.md and grid.png (columns: {', '.join(names)}; "
           f"each cell the median image by {first})")
     return result

@@ -54,19 +54,17 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from data import decode, fail, parquet_files, save_atomic
-from scorers import (PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, load_clip,
-                      one_line)
-from toy.palette import redness
+from common import atomic_path, fail, one_line, save_safetensors
+from data import decode, parquet_files, pickapic_batches, read_pickapic
+from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, is_function, load_clip, load_function
 
-REQUIRED = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
 CHUNK_ROWS = 1024  # pairs (or prompts) per cache file: the most scoring work an interruption can lose
 QUALITY_PROMPT = ("Rate this text-to-image prompt from 0 to {top}. Rate high a clear prompt with concrete "
                   "visual detail, low an unclear, meaningless or harmful one.\nPrompt: {prompt}\n"
                   "Answer with a single number.")
 
 
-def fingerprint(*parts):
+def short_hash(*parts):
     """A short hash of anything JSON-serialisable: names cache files after what produced them."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -100,30 +98,15 @@ def read_chunks(folder, key, n):
 
 def save_chunk(folder, key, start, values):
     path = os.path.join(folder, f"rows-{start:010d}.safetensors")
-    save_atomic({key: torch.from_numpy(np.ascontiguousarray(values))}, path)  # data.save_atomic: whole or absent
+    save_safetensors({key: torch.from_numpy(np.ascontiguousarray(values))}, path)  # whole or absent
 
 
 # ------------------------------------------------------------------------------------------------
 # data: Pick-a-Pic v2 parquet (schema: README, "Data formats"), files found by data.parquet_files
 
 def read_index(files):
-    """The small columns of every pair in file order, and the row-group sizes of each file."""
-    tables, groups, schema = [], [], None
-    for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:
-            fail(f"cannot read parquet file {f}: {type(e).__name__}: {e}")
-        missing = [c for c in REQUIRED if c not in pf.schema_arrow.names]
-        if missing:
-            fail(f"{f} lacks the Pick-a-Pic column(s) {missing}; it has {pf.schema_arrow.names}")
-        if schema is None:
-            schema = pf.schema_arrow
-        elif not pf.schema_arrow.equals(schema):
-            fail(f"{f} has another schema than {files[0]}; filter them separately")
-        tables.append(pf.read(columns=["caption", "label_0", "label_1"]))
-        groups.append([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-    table = pa.concat_tables(tables)
+    """The small columns of every pair in file order (data.read_pickapic), and the row-group sizes of each file."""
+    table, groups = read_pickapic(files, ["caption", "label_0", "label_1"], same_schema=True)
     if table.num_rows == 0:
         fail(f"no rows in {len(files)} parquet file(s) {files[:3]}")
     return table, groups
@@ -136,21 +119,8 @@ def index_prompts(captions):
 
 
 def chunks(files, groups, wanted, columns=None):
-    """(first row, record batch) of each chunk of at most CHUNK_ROWS rows that holds a wanted row.
-
-    Chunks never cross a row group and their row numbers come from the metadata, so a row group
-    without a wanted row is not even read. wanted: (N,) bool over all files' rows in order."""
-    start = 0
-    for f, sizes in zip(files, groups):
-        pf = pq.ParquetFile(f)
-        for g, rows in enumerate(sizes):
-            at = start
-            if wanted[start:start + rows].any():
-                for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[g], columns=columns):
-                    if wanted[at:at + batch.num_rows].any():
-                        yield at, batch
-                    at += batch.num_rows
-            start += rows
+    """(first row, record batch) of each chunk of at most CHUNK_ROWS rows that holds a wanted row."""
+    return pickapic_batches(files, groups, wanted, columns, batch_rows=CHUNK_ROWS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +129,7 @@ def chunks(files, groups, wanted, columns=None):
 def score_pairs(files, groups, need, pid, load_reward, cache):
     """R(c, x_0), R(c, x_1) of every pair in `need`: (N, 2) float32, NaN where unscored or corrupt.
 
-    load_reward() -> reward(images, pids): the proxy, loaded on first use (clip_reward, redness_reward).
+    load_reward() -> reward(images, pids): the proxy, loaded on first use (clip_reward, function_reward).
     Cached in chunks of at most CHUNK_ROWS pairs (read_chunks): a killed run resumes at the first
     missing chunk. Returns (scores, pairs scored now).
     """
@@ -213,13 +183,15 @@ def clip_reward(model, proc, text_emb, batch_size):
     return reward
 
 
-def redness_reward(images, pids):
-    """The toy world's red user as the proxy reward (--reward_model redness): toy.palette.redness of each
-    image, the prompt unused. The user's own reward, so the margins are exact, as PickScore's are not."""
-    return np.array([redness(im) for im in images], np.float32).reshape(len(pids), 2)
-
-
-redness_reward.pairs_per_call = CHUNK_ROWS
+def function_reward(fn, prompts):
+    """Your own reward function as the proxy (--reward_model module:function): fn(images, prompts) -> one number
+    per image, as evaluate.py's scorers take it. The toy world passes its red user (toy.scorers:redness), whose
+    reward is the user's own, so the margins are exact, as PickScore's are not."""
+    def reward(images, pids):
+        texts = [prompts[p] for p in pids for _ in range(2)]  # each pair's prompt, for both of its images
+        return np.asarray(fn(images, texts), np.float32).reshape(len(pids), 2)  # (P, 2)
+    reward.pairs_per_call = CHUNK_ROWS
+    return reward
 
 
 def text_embeddings(prompts, clip, cache, batch_size):
@@ -299,8 +271,8 @@ def rate_prompts(prompts, name, cache, device, dtype, batch_size):
                 q += (p_v / p_v.sum(-1, keepdim=True) @ values).tolist()  # expected rating
                 bar.update(len(texts))
             path = os.path.join(cache, f"part-{parts + s // CHUNK_ROWS:06d}.parquet")
-            pq.write_table(pa.table({"prompt": part, "quality": q}), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with atomic_path(path) as tmp:
+                pq.write_table(pa.table({"prompt": part, "quality": q}), tmp)
             known.update(zip(part, q))
         bar.close()
         # a model that answers with words, not digits, gives a meaningless rating: say so
@@ -388,24 +360,24 @@ def write_subset(files, groups, out, keep, columns, swap):
 
     keep, swap: (N,) bool; columns: name -> (N,) array. Swapped rows get label_0/label_1 exchanged
     (and best_image_uid, when present, set to the new winner). Written to a temp file, then renamed."""
-    writer, tmp = None, out + ".tmp"
-    for start, batch in chunks(files, groups, keep):
-        sel = np.flatnonzero(keep[start:start + batch.num_rows])
-        t, idx = pa.Table.from_batches([batch]).take(sel), start + sel
-        flip = pa.array(swap[idx])
-        l0, l1 = pc.if_else(flip, t["label_1"], t["label_0"]), pc.if_else(flip, t["label_0"], t["label_1"])
-        t = t.set_column(t.schema.get_field_index("label_0"), "label_0", l0)
-        t = t.set_column(t.schema.get_field_index("label_1"), "label_1", l1)
-        if {"best_image_uid", "image_0_uid", "image_1_uid"} <= set(t.column_names):
-            best = pc.if_else(pc.greater(l0, l1), t["image_0_uid"], t["image_1_uid"])
-            t = t.set_column(t.schema.get_field_index("best_image_uid"), "best_image_uid",
-                             pc.if_else(flip, best, t["best_image_uid"]))
-        for name, values in columns.items():
-            t = t.append_column(name, pa.array(values[idx]))
-        writer = writer or pq.ParquetWriter(tmp, t.schema)
-        writer.write_table(t)
-    writer.close()
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        writer = None
+        for start, batch in chunks(files, groups, keep):
+            sel = np.flatnonzero(keep[start:start + batch.num_rows])
+            t, idx = pa.Table.from_batches([batch]).take(sel), start + sel
+            flip = pa.array(swap[idx])
+            l0, l1 = pc.if_else(flip, t["label_1"], t["label_0"]), pc.if_else(flip, t["label_0"], t["label_1"])
+            t = t.set_column(t.schema.get_field_index("label_0"), "label_0", l0)
+            t = t.set_column(t.schema.get_field_index("label_1"), "label_1", l1)
+            if {"best_image_uid", "image_0_uid", "image_1_uid"} <= set(t.column_names):
+                best = pc.if_else(pc.greater(l0, l1), t["image_0_uid"], t["image_1_uid"])
+                t = t.set_column(t.schema.get_field_index("best_image_uid"), "best_image_uid",
+                                 pc.if_else(flip, best, t["best_image_uid"]))
+            for name, values in columns.items():
+                t = t.append_column(name, pa.array(values[idx]))
+            writer = writer or pq.ParquetWriter(tmp, t.schema)
+            writer.write_table(t)
+        writer.close()
 
 
 def describe(name, every, kept):
@@ -430,8 +402,9 @@ def main(argv=None):
     p.add_argument("--knn", type=int, default=5, help="k of the k-th nearest neighbour distance rho_k (>= 1)")
     p.add_argument("--rho_floor", type=float, default=0.01, help="floor of rho_k, a distance between unit vectors (0-2)")
     p.add_argument("--reward_model", default=PICKSCORE_MODEL,
-                   help="proxy reward: a CLIP hub id or folder, or 'redness' (the toy world's red user, no model; "
-                        "diversity then needs --embed_model or --gamma 0)")
+                   help="proxy reward: a CLIP hub id or folder, or your own function module:function, f(images, prompts) "
+                        "-> one number per image (the toy world: toy.scorers:redness; diversity then needs --embed_model "
+                        "or --gamma 0)")
     p.add_argument("--reward_processor", default=PICKSCORE_PROCESSOR,
                    help="its processor: a hub id or folder; '' = the model's own")
     p.add_argument("--embed_model", default="", help="CLIP whose text tower embeds prompts for diversity; '' = the reward model")
@@ -481,19 +454,21 @@ def main(argv=None):
         return load_clip(name, processor or None, device=device, dtype=dtype)
 
     def text(name, processor):
-        key = fingerprint("text", data_key, model_identity(name), model_identity(processor), str(dtype))
+        key = short_hash("text", data_key, model_identity(name), model_identity(processor), str(dtype))
         return text_embeddings(prompts, lambda: clip(name, processor), os.path.join(cache, f"text-{key}"),
                                args.batch_size)
 
     reward = (args.reward_model, args.reward_processor)
-    if args.reward_model == "redness":  # the toy world: the user's own reward, no text tower
+    if is_function(args.reward_model):  # your own reward (the toy world's red user): no text tower
         if args.gamma and not args.embed_model:
-            fail("--reward_model redness has no text tower for the diversity term: pass --embed_model (a CLIP) or --gamma 0")
-        reward_text, embedded, load_reward = None, 0, lambda: redness_reward
+            fail(f"--reward_model {args.reward_model} has no text tower for the diversity term: pass --embed_model "
+                 f"(a CLIP) or --gamma 0")
+        reward_text, embedded, fn = None, 0, load_function(args.reward_model)  # a wrong name stops here, not later
+        load_reward = lambda: function_reward(fn, prompts)
     else:
         reward_text, embedded = text(*reward)
         load_reward = lambda: clip_reward(*clip(*reward), reward_text, args.batch_size)
-    key = fingerprint("reward", data_key, *map(model_identity, reward), str(dtype))
+    key = short_hash("reward", data_key, *map(model_identity, reward), str(dtype))
     rewards, stats["pairs_scored"] = score_pairs(files, groups, need, pid, load_reward,
                                                  os.path.join(cache, f"reward-{key}"))
     corrupt = need & np.isnan(rewards).any(1)
@@ -511,18 +486,18 @@ def main(argv=None):
     if args.quality != "none":
         # bfloat16 on cuda: Qwen2.5's own dtype (float16 can overflow in its activations)
         lm_dtype = torch.bfloat16 if dtype == torch.float16 and args.dtype == "auto" else dtype
-        qcache = os.path.join(cache, "quality-" + fingerprint(model_identity(args.quality), QUALITY_PROMPT, str(lm_dtype)))
+        qcache = os.path.join(cache, "quality-" + short_hash(model_identity(args.quality), QUALITY_PROMPT, str(lm_dtype)))
         quality, stats["prompts_rated"] = rate_prompts(prompts, args.quality, qcache, device, lm_dtype, args.quality_batch_size)
     embedder = (args.embed_model, "") if args.embed_model else reward
     emb, more = text(*embedder) if args.embed_model else (reward_text, 0)
     stats["prompts_embedded"] = embedded + more
-    if emb is None:  # --reward_model redness with --gamma 0: no text embeddings, no diversity term
+    if emb is None:  # a reward function with --gamma 0: no text embeddings, no diversity term
         diversity = np.full(len(prompts), np.nan, np.float32)
     else:  # cached too: at Pick-a-Pic scale the k-NN takes about a minute, and reruns only change alpha/gamma/k
-        path = os.path.join(cache, "diversity-" + fingerprint(data_key, *map(model_identity, embedder), str(dtype),
+        path = os.path.join(cache, "diversity-" + short_hash(data_key, *map(model_identity, embedder), str(dtype),
                                                                args.knn, args.rho_floor) + ".safetensors")
         if not os.path.exists(path):
-            save_atomic({"log_rho": torch.from_numpy(knn_log_distance(emb, args.knn, args.rho_floor))}, path)
+            save_safetensors({"log_rho": torch.from_numpy(knn_log_distance(emb, args.knn, args.rho_floor))}, path)
         diversity = load_file(path)["log_rho"].numpy()
 
     # --- select and write

@@ -34,6 +34,11 @@ def diffusion_target(scheduler, x0, noise, t):
     raise ValueError(f"unsupported prediction_type {kind!r} (expected 'epsilon' or 'v_prediction')")
 
 
+def add_noise_and_target(scheduler, x0, noise, t):
+    """x_t = add_noise(x0, eps, t) and what the model must predict from it. (B,4,h,w) each."""
+    return scheduler.add_noise(x0, noise, t), diffusion_target(scheduler, x0, noise, t)
+
+
 def per_sample_error(pred, target):
     """e = mean over C,H,W of (pred - target)^2, in fp32 whatever the autocast dtype. (B,C,H,W) -> (B,)"""
     return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))

@@ -1,7 +1,12 @@
 """The scorers of the evaluation protocol: PickScore, CLIP score, the LAION aesthetic predictor, HPSv2,
-ImageReward, and the toy world's redness and caption color check.
+ImageReward, and any function of yours.
 
-    scorers = load_scorers(["pickscore", "clip"], args, device)   # {name: score(images, prompts) -> (N,)}
+    scorers = load_scorers(["pickscore", "clip", "mypkg.rewards:sharpness"], args, device)
+    # {name: score(images, prompts) -> (N,)}
+
+A scorer named `module:function` is your own: `function(images, prompts)` takes a list of PIL images and
+their prompts and returns one number per image (the toy world's redness and color check come in this way,
+`toy.scorers:redness`); its name in the tables is the function's name.
 
 evaluate.py scores with them; filter_fifa.py takes its proxy reward and prompt embeddings from the CLIP
 helpers here (`load_clip`, `clip_image_embeddings`, `clip_text_embeddings`, the PickScore ids).
@@ -9,20 +14,16 @@ helpers here (`load_clip`, `clip_image_embeddings`, `clip_text_embeddings`, the 
 import functools
 import importlib
 import os
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toy.palette import caption_color, dominant_color, redness
+from common import fail, one_line
 
 # PickScore's weights, and the processor its authors use with them (its own repo has none)
 PICKSCORE_MODEL, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-
-
-def one_line(e):
-    """An exception as one line for a SystemExit message: its type and the first line of its text."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -35,12 +36,12 @@ def load_clip(model, processor=None, device="cpu", dtype=torch.float32):
     for name in (model, processor):
         # a path-like name that is not a folder is a typo, not a hub id: say so instead of querying the hub
         if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise SystemExit(f"CLIP model or processor folder not found: {name}")
+            fail(f"CLIP model or processor folder not found: {name}")
     try:
         clip = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval()
         proc = AutoProcessor.from_pretrained(processor, backend="pil")  # PIL preprocessing: no torchvision
     except Exception as e:  # offline, a missing repo, a folder without weights: one line, not a traceback
-        raise SystemExit(f"cannot load CLIP model {model!r} / processor {processor!r}: {one_line(e)}")
+        fail(f"cannot load CLIP model {model!r} / processor {processor!r}: {one_line(e)}")
     return clip, proc
 
 
@@ -85,7 +86,7 @@ def clip_scores(model, processor, images, prompts, batch_size=32):
 # ------------------------------------------------------------------------------------------------
 # scorers: each is loaded once, then score(images, prompts) -> (N,) numpy array per batch
 
-SCORERS = ["pickscore", "clip", "aesthetic", "hpsv2", "imagereward", "redness", "color_acc"]
+SCORERS = ["pickscore", "clip", "aesthetic", "hpsv2", "imagereward"]  # and module:function, your own
 
 
 def load_weights(spec):
@@ -95,19 +96,19 @@ def load_weights(spec):
     if not os.path.isfile(spec):
         repo, _, filename = spec.partition(":")
         if not filename:
-            raise SystemExit(f"weights file not found: {spec}")
+            fail(f"weights file not found: {spec}")
         from huggingface_hub import hf_hub_download
         try:
             path = hf_hub_download(repo, filename)
         except Exception as e:
-            raise SystemExit(f"cannot download {filename} from {repo}: {type(e).__name__} (offline? pass a file)")
+            fail(f"cannot download {filename} from {repo}: {type(e).__name__} (offline? pass a file)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"{path} is not a plain tensor checkpoint ({type(e).__name__}); not unpickling it")
+        fail(f"{path} is not a plain tensor checkpoint ({type(e).__name__}); not unpickling it")
 
 
 def optional_import(scorer, module, hint):
@@ -187,24 +188,42 @@ def load_scorer(name, args, device, clip):
             return None
         model = ImageReward.load(args.imagereward_model, device=str(device))
         return lambda images, prompts: np.array([float(model.score(p, im)) for im, p in zip(images, prompts)])
-    if name == "redness":
-        # the toy world's red user (KTO paper, appendix C): mean of the red channel minus the mean over channels
-        return lambda images, prompts: np.array([redness(im) for im in images])
-    # color_acc, the toy world's caption accuracy: 1 if the image's dominant color is the caption's color,
-    # else 0; nan when the caption names no color, so that such prompts are left out of its mean and win rates
-    return lambda images, prompts: np.array([float(dominant_color(im) == caption_color(p)) if caption_color(p)
-                                             else float("nan") for im, p in zip(images, prompts)])
+    return load_function(name)
+
+
+def is_function(spec):
+    """`module:function` (a dotted module path, a colon, a name): a scorer or reward of the user's own."""
+    return re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) is not None
+
+
+def load_function(spec):
+    """The function `module:function`, importable from the current folder or the Python path."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        fail(f"cannot load the function {spec!r}: {one_line(e)}")
+    if not callable(fn):
+        fail(f"{spec!r} is not a function")
+    return fn
+
+
+def scorer_name(spec):
+    """The name a scorer has in the tables: `pickscore`, or the function's name for `module:function`."""
+    return spec.partition(":")[2] if is_function(spec) else spec
 
 
 def load_scorers(names, args, device):
     """{name: score function} in the order asked; optional scorers whose package is missing are left out."""
-    unknown = [n for n in names if n not in SCORERS]
+    unknown = [n for n in names if n not in SCORERS and not is_function(n)]
     if unknown:
-        raise SystemExit(f"unknown scorer(s) {unknown}; choose from {SCORERS}")
+        fail(f"unknown scorer(s) {unknown}; choose from {SCORERS}, or module:function for your own")
+    if len({scorer_name(n) for n in names}) < len(names):
+        fail(f"two scorers with one name in {names}")
     # CLIP score and the aesthetic predictor share ViT-L/14: each (model, processor) is loaded once
     clip = functools.lru_cache(maxsize=None)(lambda model, processor: load_clip(model, processor, device))
-    scorers = {n: load_scorer(n, args, device, clip) for n in names}
+    scorers = {scorer_name(n): load_scorer(n, args, device, clip) for n in names}
     scorers = {n: fn for n, fn in scorers.items() if fn is not None}
     if not scorers:
-        raise SystemExit("no scorer could be loaded (see the messages above)")
+        fail("no scorer could be loaded (see the messages above)")
     return scorers

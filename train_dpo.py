@@ -4,14 +4,24 @@
     torchrun --standalone --nproc_per_node=8 train_dpo.py ...
 
 Defaults are the paper's SD1.5 run: beta 5000, 2048 pairs per step, AdamW lr 2.048e-5 after 500
-warm-up steps, 2000 steps, clip 1.0, 512 px, prompt dropout 0.2. The objective is in losses.py; the
-machinery shared with train_kto.py (processes, cache, checkpoints, logging) is in common.py and data.py.
+warm-up steps, 2000 steps, clip 1.0, 512 px, prompt dropout 0.2. The objective is in losses.py. This
+file reads top to bottom: config, processes, data, models and cache, policy and optimizer, resume, the
+loop (accumulate, step, log, save, validate), export. The mechanics it calls are in common.py
+(processes, draws, checkpoints, logging), model.py (loading, LoRA, reference, export), cache.py and data.py.
 """
+import math
+import os
+import time
+
 import torch
+from tqdm import tqdm
 
 import common
+from cache import LatentCache, build_cache
 from data import load_pairs
-from losses import dpo_loss, per_sample_error, sft_loss
+from evaluate import validate
+from losses import add_noise_and_target, dpo_loss, per_sample_error, sft_loss
+from model import export, load_models, load_trainable_state, prepare_policy, trainable_state
 
 # -----------------------------------------------------------------------------
 # config: the flags both trainers share are in common.base_parser; these are DPO's own and its defaults
@@ -29,17 +39,47 @@ def main(argv=None):
     config = vars(args)
 
     # -------------------------------------------------------------------------
-    # processes, models, data and its one-off cache of latents and text embeddings
-    ok = lambda fb, valid: valid[fb.winner] & valid[fb.loser]  # a pair needs both images readable
-    ctx, accum, models, fb, cache = common.start(args, load_pairs, ok, "pairs")
-    unet, noise_scheduler = models["unet"], models["noise_scheduler"]
+    # processes, device, precision
+    ctx = common.setup(args.seed)
+    accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
+    ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "pairs"))
+
+    # -------------------------------------------------------------------------
+    # data, then models and the one-off cache of latents and text embeddings
+    fb = load_pairs(args.data)  # before the models: a wrong data path should not wait for SD1.5 to load
+    if len(fb) == 0:
+        common.fail(f"no usable pairs in {args.data}: " + fb.summary("pairs"))
+    models = load_models(args.pretrained, ctx)
+    os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
+    cache = LatentCache(build_cache(fb, args.cache_dir, models, args.resolution, args.random_flip, ctx, args.strict))
+    valid = cache.valid.numpy()
+    fb.keep(valid[fb.winner] & valid[fb.loser], "unreadable image")  # a pair needs both images readable
+    ctx.say(f"data: {fb.summary('pairs')}; cache {cache.folder}")
+    if len(fb) == 0:
+        common.fail(f"no usable pairs left in {args.data} after skipping unreadable images")
+    if args.val_every < 0:  # the VAE and text encoder are needed again only to draw validation images
+        models.text_encoder = models.vae = None
+    unet, noise_scheduler = models.unet, models.noise_scheduler
     latent_shape = cache.latent_shape()  # (4, h, w)
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     # -------------------------------------------------------------------------
     # policy, reference, optimizer, resume
-    model, params, reference, optimizer, start_step = common.make_optimizer_and_resume(
-        args, ctx, unet, need_reference=args.loss == "dpo", config=config, resume_keys=RESUME_KEYS)
+    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference=args.loss == "dpo")
+    ddp_unet = common.wrap_ddp(unet, ctx)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
+            f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
+    if ctx.master:
+        common.clear_partial_checkpoints(args.out_dir)
+    start_step = 0
+    if args.resume:
+        common.barrier()
+        start_step, weights = common.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
+        if weights is not None:
+            load_trainable_state(unet, args.lora_rank > 0, weights, args.out_dir)
+    if start_step >= args.max_steps:
+        ctx.say(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
 
     def pair_batch(step, micro):
         """This rank's micro-batch: winners, losers, prompts, one shared (eps, t) per pair. All on the CPU."""
@@ -58,26 +98,68 @@ def main(argv=None):
         return [torch.stack(x).to(ctx.device) for x in (lat_w, lat_l, emb, eps, t)]
 
     # -------------------------------------------------------------------------
-    # one micro-step of the objective; the loop around it is common.train_loop
-    def micro_step(step, micro):
-        lat_w, lat_l, emb, eps, t = pair_batch(step, micro)
-        if args.loss == "sft":  # winners only, no reference
-            x_t, target = common.add_noise_and_target(noise_scheduler, lat_w, eps, t)
-            with ctx.autocast():
-                pred = model(x_t, t, emb).sample
-            return sft_loss(per_sample_error(pred, target))
-        x0 = torch.cat([lat_w, lat_l])  # (2B,4,h,w): [winners; losers], one forward for both
-        noise, t2, emb2 = torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([emb, emb])
-        x_t, target = common.add_noise_and_target(noise_scheduler, x0, noise, t2)
-        with ctx.autocast():
-            ref_err = per_sample_error(reference(x_t, t2, emb2), target)  # (2B,) no grad
-            policy_err = per_sample_error(model(x_t, t2, emb2).sample, target)  # (2B,)
-        return dpo_loss(policy_err, ref_err, args.beta)
+    # the loop: accumulate micro-batches, clip, step; log, save and validate at their intervals
+    prompts, seeds = common.val_prompts(args.val_prompts), list(range(args.val_seeds))
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+               disable=not ctx.master, desc="training", dynamic_ncols=True)
+    window, grad_norms, t0 = [], [], time.time()
+    for step in bar:
+        lr = common.lr_at(step, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        meter = common.Meter()
+        for micro in range(accum):
+            with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
+                lat_w, lat_l, emb, eps, t = pair_batch(step, micro)
+                if args.loss == "sft":  # winners only, no reference
+                    x_t, target = add_noise_and_target(noise_scheduler, lat_w, eps, t)
+                    with ctx.autocast():
+                        pred = ddp_unet(x_t, t, emb).sample
+                    loss, metrics = sft_loss(per_sample_error(pred, target))
+                else:
+                    x0 = torch.cat([lat_w, lat_l])  # (2B,4,h,w): [winners; losers], one forward for both
+                    noise, t2, emb2 = torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([emb, emb])
+                    x_t, target = add_noise_and_target(noise_scheduler, x0, noise, t2)
+                    with ctx.autocast():
+                        ref_err = per_sample_error(reference(x_t, t2, emb2), target)  # (2B,) no grad
+                        policy_err = per_sample_error(ddp_unet(x_t, t2, emb2).sample, target)  # (2B,)
+                    loss, metrics = dpo_loss(policy_err, ref_err, args.beta)
+                (loss / accum).backward()
+            meter.add({"loss": loss.detach(), **metrics})
+        stats = meter.reduce()  # host sync: one small all-reduce a step, so every rank sees a bad loss
+        if not math.isfinite(stats["loss"]):
+            common.fail(f"non-finite loss at step {step + 1}; stopping before the update. "
+                        f"Last good checkpoint: {common.latest_checkpoint_name(args.out_dir)}")
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(stats)
+        done, last = step + 1, step + 1 == args.max_steps
+        if common.due(done, args.log_every, last):
+            record = common.window_record(done, window, grad_norms, lr, len(window) * args.global_batch,
+                                          time.time() - t0, "pairs")
+            if ctx.master:
+                common.log(args.out_dir, record, bar)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            window, grad_norms, t0 = [], [], time.time()
+        if common.due(done, args.save_every, last):
+            if ctx.master:
+                common.save_checkpoint(args.out_dir, done, trainable_state(unet, args.lora_rank > 0), optimizer,
+                                       config, args.keep_checkpoints)
+            common.barrier()
+        if args.val_every >= 0 and common.due(done, args.val_every, last):
+            if ctx.master:
+                path, secs = validate(args.out_dir, done, models, args.pretrained, prompts, seeds, args.resolution,
+                                      ctx, steps=args.val_steps)
+                bar.write(f"validation grid: {path} ({secs:.1f}s)")
+            common.barrier()
 
     # -------------------------------------------------------------------------
-    # train, log, checkpoint, validate, export
-    common.train_loop(args, ctx, model, unet, params, optimizer, micro_step, start_step, accum, "pairs", config,
-                      common.validation(args, ctx, models))
+    # export: the weights in the layout users load
+    if ctx.master:
+        export(args.out_dir, args.pretrained, unet, args.lora_rank > 0)
+        print(f"saved {'LoRA weights' if args.lora_rank else 'the pipeline'} to {args.out_dir}")
+    common.barrier()
     common.cleanup()
 
 

@@ -5,16 +5,25 @@
 
 No pairs are needed: each image carries its own label. Defaults are the paper's SD1.5 run: 8 images per
 step (4 GPUs x 2), Adam lr 1e-7 after 1000 warm-up steps, 10,000 steps, beta 5000, liked images drawn
-with probability 0.8, 512 px. The objective is in losses.py; the machinery shared with train_dpo.py is in
-common.py and data.py. Data layouts (liked/ and disliked/ folders, metadata files, captions in .txt files
-or in the PNG itself, Pick-a-Pic pairs) are described in the README and in data.load_singles.
+with probability 0.8, 512 px. The objective is in losses.py. This file reads top to bottom like
+train_dpo.py: config, processes, data, models and cache, policy and optimizer, resume, the loop, export.
+Data layouts (liked/ and disliked/ folders, metadata files, captions in .txt files or in the PNG itself,
+Pick-a-Pic pairs) are described in the README and in data.load_singles.
 """
+import math
+import os
+import time
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import common
-from data import fail, load_singles
-from losses import UTILITIES, kto_loss, kto_reference_point, per_sample_error
+from cache import LatentCache, build_cache
+from data import load_singles
+from evaluate import validate
+from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
+from model import export, load_models, load_trainable_state, prepare_policy, trainable_state
 
 # -----------------------------------------------------------------------------
 # config: the flags both trainers share are in common.base_parser; these are KTO's own and its defaults
@@ -50,26 +59,53 @@ def main(argv=None):
     args = parser.parse_args(argv)
     config = vars(args)
     if not 0.0 <= args.desirable_share <= 1.0:
-        fail(f"--desirable_share must be in [0, 1], got {args.desirable_share}")
+        common.fail(f"--desirable_share must be in [0, 1], got {args.desirable_share}")
     if args.ref_point == "mismatched" and args.micro_batch < 2:
-        fail("--ref_point mismatched pairs each image with another image's prompt: it needs --micro_batch >= 2")
+        common.fail("--ref_point mismatched pairs each image with another image's prompt: it needs --micro_batch >= 2")
 
     # -------------------------------------------------------------------------
-    # processes, models, data and its one-off cache of latents and text embeddings
-    ctx, accum, models, fb, cache = common.start(
-        args, lambda path: load_singles(path, args.pickapic_policy), lambda fb, valid: valid[fb.image], "images")
-    unet, noise_scheduler = models["unet"], models["noise_scheduler"]
-    latent_shape = cache.latent_shape()  # (4, h, w)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    # processes, device, precision
+    ctx = common.setup(args.seed)
+    accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
+    ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "images"))
+
+    # -------------------------------------------------------------------------
+    # data, then models and the one-off cache of latents and text embeddings
+    fb = load_singles(args.data, args.pickapic_policy)  # before the models: a wrong path should not wait for them
+    models = load_models(args.pretrained, ctx)
+    os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
+    cache = LatentCache(build_cache(fb, args.cache_dir, models, args.resolution, args.random_flip, ctx, args.strict))
+    fb.keep(cache.valid.numpy()[fb.image], "unreadable image")
+    ctx.say(f"data: {fb.summary('images')}; cache {cache.folder}")
+    if len(fb) == 0:
+        common.fail(f"no usable images left in {args.data} after skipping unreadable images")
     desirable, undesirable = np.flatnonzero(fb.label > 0), np.flatnonzero(fb.label < 0)
     for name, pool, needed in [("liked", desirable, args.desirable_share > 0), ("disliked", undesirable, args.desirable_share < 1)]:
         if needed and len(pool) == 0:
-            fail(f"no {name} images in {args.data} ({fb.summary('images')}); KTO needs both kinds, or set --desirable_share")
+            common.fail(f"no {name} images in {args.data} ({fb.summary('images')}); KTO needs both kinds, or set --desirable_share")
+    if args.val_every < 0:  # the VAE and text encoder are needed again only to draw validation images
+        models.text_encoder = models.vae = None
+    unet, noise_scheduler = models.unet, models.noise_scheduler
+    latent_shape = cache.latent_shape()  # (4, h, w)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
 
     # -------------------------------------------------------------------------
     # policy, reference, optimizer, resume
-    model, params, reference, optimizer, start_step = common.make_optimizer_and_resume(
-        args, ctx, unet, need_reference=True, config=config, resume_keys=RESUME_KEYS)
+    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
+    ddp_unet = common.wrap_ddp(unet, ctx)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
+            f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
+    if ctx.master:
+        common.clear_partial_checkpoints(args.out_dir)
+    start_step = 0
+    if args.resume:
+        common.barrier()
+        start_step, weights = common.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
+        if weights is not None:
+            load_trainable_state(unet, args.lora_rank > 0, weights, args.out_dir)
+    if start_step >= args.max_steps:
+        ctx.say(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
 
     def image_batch(step, micro):
         """This rank's micro-batch: latents, prompts, (eps, t) and labels of images drawn with share gamma."""
@@ -87,29 +123,71 @@ def main(argv=None):
         return [torch.stack(x).to(ctx.device) for x in (lat, emb, eps, t)] + [torch.tensor(label, device=ctx.device)]
 
     # -------------------------------------------------------------------------
-    # one micro-step of the objective; the loop around it is common.train_loop
-    def micro_step(step, micro):
-        x0, emb, eps, t, label = image_batch(step, micro)
-        x_t, target = common.add_noise_and_target(noise_scheduler, x0, eps, t)
-        with ctx.autocast():
-            ref_err = per_sample_error(reference(x_t, t, emb), target)  # (B,) no grad
-            policy_err = per_sample_error(model(x_t, t, emb).sample, target)  # (B,)
-            if args.ref_point == "batch":  # the rewards of the batch itself
-                reward = ref_err - policy_err.detach()
-            else:  # each image with the previous image's prompt, same x_t; the unwrapped UNet needs no DDP hooks
-                emb_mismatched = emb.roll(1, dims=0)
-                with torch.no_grad():
-                    reward = per_sample_error(reference(x_t, t, emb_mismatched), target) - \
-                        per_sample_error(unet(x_t, t, emb_mismatched).sample, target)
-        # z_ref over every rank's current micro-batch: the global batch when there is no accumulation
-        # (the paper's 4 GPUs x 2 images); with accumulation, over the images processed together
-        z_ref = kto_reference_point(reward, reduce_sum=common.all_reduce_sum)
-        return kto_loss(policy_err, ref_err, label, z_ref, args.beta, args.utility, args.lambda_d, args.lambda_u)
+    # the loop: accumulate micro-batches, clip, step; log, save and validate at their intervals
+    prompts, seeds = common.val_prompts(args.val_prompts), list(range(args.val_seeds))
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+               disable=not ctx.master, desc="training", dynamic_ncols=True)
+    window, grad_norms, t0 = [], [], time.time()
+    for step in bar:
+        lr = common.lr_at(step, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        meter = common.Meter()
+        for micro in range(accum):
+            with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
+                x0, emb, eps, t, label = image_batch(step, micro)
+                x_t, target = add_noise_and_target(noise_scheduler, x0, eps, t)
+                with ctx.autocast():
+                    ref_err = per_sample_error(reference(x_t, t, emb), target)  # (B,) no grad
+                    policy_err = per_sample_error(ddp_unet(x_t, t, emb).sample, target)  # (B,)
+                    if args.ref_point == "batch":  # the rewards of the batch itself
+                        reward = ref_err - policy_err.detach()
+                    else:  # each image with the previous image's prompt, same x_t; the bare UNet needs no DDP hooks
+                        emb_mismatched = emb.roll(1, dims=0)
+                        with torch.no_grad():
+                            reward = per_sample_error(reference(x_t, t, emb_mismatched), target) - \
+                                per_sample_error(unet(x_t, t, emb_mismatched).sample, target)
+                # z_ref over every rank's current micro-batch: the global batch when there is no accumulation
+                # (the paper's 4 GPUs x 2 images); with accumulation, over the images processed together
+                z_ref = kto_reference_point(reward, reduce_sum=common.all_reduce_sum)
+                loss, metrics = kto_loss(policy_err, ref_err, label, z_ref, args.beta, args.utility,
+                                         args.lambda_d, args.lambda_u)
+                (loss / accum).backward()
+            meter.add({"loss": loss.detach(), **metrics})
+        stats = meter.reduce()  # host sync: one small all-reduce a step, so every rank sees a bad loss
+        if not math.isfinite(stats["loss"]):
+            common.fail(f"non-finite loss at step {step + 1}; stopping before the update. "
+                        f"Last good checkpoint: {common.latest_checkpoint_name(args.out_dir)}")
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(stats)
+        done, last = step + 1, step + 1 == args.max_steps
+        if common.due(done, args.log_every, last):
+            record = common.window_record(done, window, grad_norms, lr, len(window) * args.global_batch,
+                                          time.time() - t0, "images")
+            if ctx.master:
+                common.log(args.out_dir, record, bar)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            window, grad_norms, t0 = [], [], time.time()
+        if common.due(done, args.save_every, last):
+            if ctx.master:
+                common.save_checkpoint(args.out_dir, done, trainable_state(unet, args.lora_rank > 0), optimizer,
+                                       config, args.keep_checkpoints)
+            common.barrier()
+        if args.val_every >= 0 and common.due(done, args.val_every, last):
+            if ctx.master:
+                path, secs = validate(args.out_dir, done, models, args.pretrained, prompts, seeds, args.resolution,
+                                      ctx, steps=args.val_steps)
+                bar.write(f"validation grid: {path} ({secs:.1f}s)")
+            common.barrier()
 
     # -------------------------------------------------------------------------
-    # train, log, checkpoint, validate, export
-    common.train_loop(args, ctx, model, unet, params, optimizer, micro_step, start_step, accum, "images", config,
-                      common.validation(args, ctx, models))
+    # export: the weights in the layout users load
+    if ctx.master:
+        export(args.out_dir, args.pretrained, unet, args.lora_rank > 0)
+        print(f"saved {'LoRA weights' if args.lora_rank else 'the pipeline'} to {args.out_dir}")
+    common.barrier()
     common.cleanup()
 
 

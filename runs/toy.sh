@@ -83,7 +83,7 @@ done
 stage train
 
 # --- 3. evaluate: DDIM 20 steps, guidance 5 (the settings the red user's samples were drawn with)
-eval="--prompts $FEEDBACK/prompts.txt --n $SEEDS --steps 20 --guidance 5 --batch_size 72 --scorers redness,color_acc"
+eval="--prompts $FEEDBACK/prompts.txt --n $SEEDS --steps 20 --guidance 5 --batch_size 72 --scorers toy.scorers:redness,toy.scorers:color_acc"
 python evaluate.py --pretrained "$BASE" $(for m in "${models[@]}"; do printf -- '--model %s=%s ' $m "$OUT/$m"; done) \
     $eval --out "$OUT/eval" > "$OUT/eval.log" 2>&1 &
 e1=$!

@@ -7,7 +7,7 @@
 # 1. pairs (runs/toy_fifa_pairs.py): each base sample the red user saw is shown again as two red-boosted
 #    versions of random strength, labelled by a noisy user (Bradley-Terry): many pairs are near-ties with
 #    coin-toss labels, as in Pick-a-Pic. A random subset of K pairs is drawn beside them;
-# 2. FiFA (filter_fifa.py, unchanged) with the user's own reward as the proxy (--reward_model redness),
+# 2. FiFA (filter_fifa.py, unchanged) with the user's own reward as the proxy (--reward_model toy.scorers:redness),
 #    no LLM (--quality none) and no diversity term (--gamma 0: the toy pipeline has no CLIP text tower
 #    with the image tower FiFA's default uses, and the toy's captions are only 108 distinct strings);
 # 3. the same DPO run (train_dpo.py) on all pairs, on FiFA's K and on the random K, a checkpoint every
@@ -34,7 +34,7 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 
 python -m runs.toy_fifa_pairs --feedback "$FEEDBACK" --out "$OUT/pairs.parquet" --random_k "$K" \
     --random_out "$OUT/random.parquet"
-python filter_fifa.py --data "$OUT/pairs.parquet" --out "$OUT/fifa.parquet" --k "$K" --reward_model redness \
+python filter_fifa.py --data "$OUT/pairs.parquet" --out "$OUT/fifa.parquet" --k "$K" --reward_model toy.scorers:redness \
     --quality none --gamma 0 --max_per_prompt 0 --cache_dir "$OUT/fifa_cache"
 
 common="--pretrained $BASE --resolution 32 --global_batch 16 --micro_batch 16 --max_steps $STEPS --lr 1e-6
@@ -55,7 +55,7 @@ for step in $(seq "$EVERY" "$EVERY" "$STEPS"); do
     done
 done
 python evaluate.py --pretrained "$BASE" "${models[@]}" --prompts "$FEEDBACK/prompts.txt" --n "$SEEDS" --steps 20 \
-    --guidance 5 --batch_size 72 --scorers redness,color_acc --grid_prompts 8 --out "$OUT/eval" > "$OUT/eval.log" 2>&1
+    --guidance 5 --batch_size 72 --scorers toy.scorers:redness,toy.scorers:color_acc --grid_prompts 8 --out "$OUT/eval" > "$OUT/eval.log" 2>&1
 echo
 python -m runs.toy_table "$OUT/eval"
 echo "time: $(( (SECONDS - start) / 60 )) min (load $(cut -d' ' -f1-3 /proc/loadavg))"

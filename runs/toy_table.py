@@ -2,7 +2,7 @@
 
     python -m runs.toy_table EVAL_DIR [NOISE_DIR]
 
-EVAL_DIR is an evaluate.py --out folder made with the scorers redness,color_acc (base first, then the
+EVAL_DIR is an evaluate.py --out folder made with the scorers toy.scorers:redness,toy.scorers:color_acc (base first, then the
 fine-tuned models, same prompts and seeds). NOISE_DIR, optional, is a second evaluation of the base alone
 with other seeds: its row shows how far a model that has NOT changed moves between two evaluations.
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import evaluate
+import model
 from scorers import aesthetic_mlp, clip_text_embeddings, load_clip, load_scorers
 
 
@@ -94,7 +95,7 @@ def test_scorers_match_hand_computation(tiny_clip_dir, aesthetic_weights):
     state, pth, safetensors_file = aesthetic_weights
     images = [shape_image((220, 40, 40)), shape_image((40, 70, 220)), Image.new("RGB", (40, 40), (220, 40, 40))]
     prompts = ["a red circle", "a blue circle", "a big dog"]
-    scorers = load_scorers(["pickscore", "clip", "aesthetic", "redness", "color_acc"],
+    scorers = load_scorers(["pickscore", "clip", "aesthetic", "toy.scorers:redness", "toy.scorers:color_acc"],
                                     scorer_args(tiny_clip_dir, pth), "cpu")
     got = {name: score(images, prompts) for name, score in scorers.items()}
 
@@ -130,7 +131,7 @@ def test_scorers_match_hand_computation(tiny_clip_dir, aesthetic_weights):
 def test_missing_optional_scorers_give_their_message(tiny_clip_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # None in sys.modules makes `import` fail
     monkeypatch.setitem(sys.modules, "ImageReward", None)
-    scorers = load_scorers(["hpsv2", "imagereward", "redness"], scorer_args(tiny_clip_dir, ""), "cpu")
+    scorers = load_scorers(["hpsv2", "imagereward", "toy.scorers:redness"], scorer_args(tiny_clip_dir, ""), "cpu")
     assert list(scorers) == ["redness"]
     printed = capsys.readouterr().out
     assert "hpsv2: skipped" in printed and "open_clip" in printed
@@ -195,7 +196,7 @@ def test_prompt_files(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path, tiny_pipe_dir):
     (tmp_path / "p.txt").write_text("a red circle\n")
-    base = ["--pretrained", tiny_pipe_dir, "--out", str(tmp_path / "out"), "--scorers", "redness"]
+    base = ["--pretrained", tiny_pipe_dir, "--out", str(tmp_path / "out"), "--scorers", "toy.scorers:redness"]
     cases = [(["--prompts", str(tmp_path / "missing.txt")], "no such file"),
              (["--prompts", str(tmp_path / "p.txt"), "--model", f"A={tmp_path / 'nope'}"], "no such folder"),
              (["--prompts", str(tmp_path / "p.txt"), "--model", "A"], "NAME=DIR"),
@@ -219,11 +220,11 @@ def test_lora_and_unet_folders_load(tiny_pipe_dir, tmp_path):
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path / "lora"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
     shutil.copytree(os.path.join(tiny_pipe_dir, "unet"), tmp_path / "unet")  # a bare UNet folder
-    scheduler = evaluate.load_scheduler(tiny_pipe_dir)
+    scheduler = model.load_scheduler(tiny_pipe_dir)
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 16)
     outputs = {}
     for name, source in [("base", None), ("lora", str(tmp_path / "lora")), ("unet", str(tmp_path / "unet"))]:
-        p = evaluate.load_pipeline(tiny_pipe_dir, source, scheduler, "cpu", torch.float32)
+        p = model.load_pipeline(tiny_pipe_dir, source, scheduler, "cpu", torch.float32)
         assert p.scheduler is scheduler
         with torch.no_grad():
             outputs[name] = p.unet(x, t, c).sample
@@ -238,16 +239,17 @@ def test_trainer_checkpoints_load(tiny_pipe_dir, tmp_path, rank):
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_pipe_dir, "unet"))
     if rank:
-        common.add_lora(unet, rank)
+        model.add_lora(unet, rank)
     params = [p for n, p in unet.named_parameters() if not rank or "lora" in n]
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))  # a trained model: moved away from the base (and B from 0)
-    common.save_checkpoint(str(tmp_path), 3, unet, rank > 0, torch.optim.AdamW(params), {"lora_rank": rank})
+    common.save_checkpoint(str(tmp_path), 3, model.trainable_state(unet, rank > 0), torch.optim.AdamW(params),
+                           {"lora_rank": rank})
     folder = str(tmp_path / "checkpoints" / "step_0000003")
-    assert evaluate.model_kind(folder) == "checkpoint"
-    p = evaluate.load_pipeline(tiny_pipe_dir, folder, evaluate.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
-    base = evaluate.load_pipeline(tiny_pipe_dir, None, evaluate.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
+    assert model.model_kind(folder) == "checkpoint"
+    p = model.load_pipeline(tiny_pipe_dir, folder, model.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
+    base = model.load_pipeline(tiny_pipe_dir, None, model.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 16)
     with torch.no_grad():
         torch.testing.assert_close(p.unet(x, t, c).sample, unet(x, t, c).sample)
@@ -264,7 +266,7 @@ def test_cli_identical_models_tie_and_a_rerun_resumes(tiny_pipe_dir, tiny_clip_d
     out = tmp_path / "out"
     argv = ["--pretrained", tiny_pipe_dir, "--model", f"same={tiny_pipe_dir}", "--model", f"unet={tmp_path / 'unet'}",
             "--prompts", str(tmp_path / "prompts.txt"), "--n", "2", "--steps", "2", "--out", str(out),
-            "--scorers", "pickscore,clip,aesthetic,redness,color_acc",
+            "--scorers", "pickscore,clip,aesthetic,toy.scorers:redness,toy.scorers:color_acc",
             "--pickscore_model", tiny_clip_dir, "--pickscore_processor", tiny_clip_dir,
             "--clip_model", tiny_clip_dir, "--aesthetic_clip", tiny_clip_dir, "--aesthetic_weights", aesthetic_weights[1]]
     result = evaluate.main(argv)
@@ -278,7 +280,15 @@ def test_cli_identical_models_tie_and_a_rerun_resumes(tiny_pipe_dir, tiny_clip_d
     assert saved["seeds"] == [0, 1] and len(saved["scores"]["base"]["pickscore"]) == 2
     report = (out / "results.md").read_text()
     assert "| same | 50.0% (" in report and "| same vs unet |" in report
-    assert Image.open(out / "grid.png").size == (3 * 32, 2 * 32)  # 3 models x 2 prompts
+    # labelled grid: a header row with the model names, each prompt beside its row, 32 px cells scaled 4x
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    left, top, cell = 220, 26, 128
+    assert grid.shape == (top + 2 * cell, left + 3 * cell, 3)  # 3 models x 2 prompts
+    assert (grid[:top, left:left + 40] < 128).any() and (grid[top:top + 20, :100] < 128).any()  # text drawn
+    median = result["median_seed"]["unet"]["pickscore"][1]  # prompt 1, model 2 (unet): its median image, upscaled
+    cell_img = grid[top + cell:top + 2 * cell, left + 2 * cell:left + 3 * cell]
+    small = np.asarray(Image.open(out / "images" / "unet" / f"00001_s{median}.png").convert("RGB"))
+    assert np.array_equal(cell_img, small.repeat(4, 0).repeat(4, 1))
     images = sorted(os.listdir(out / "images" / "base"))
     assert images == ["00000_s0.png", "00000_s1.png", "00001_s0.png", "00001_s1.png"]
 

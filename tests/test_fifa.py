@@ -264,11 +264,11 @@ def test_quality_without_chat_template_is_cached_per_prompt(tmp_path):
     assert rated == 1 and len(q) == 3  # only the new prompt
 
 
-def test_redness_reward_is_the_toy_users_own(data, tmp_path):
-    """--reward_model redness: no model, the margin is toy.palette.redness(winner) - redness(loser)."""
+def test_a_reward_function_of_ones_own_is_the_proxy(data, tmp_path):
+    """--reward_model toy.scorers:redness, a user's function: no model, the margin is redness(winner) - redness(loser)."""
     from toy.palette import redness
-    args = ["--data", data, "--reward_model", "redness", "--quality", "none", "--max_per_prompt", "0"]
-    with pytest.raises(SystemExit, match="--reward_model redness has no text tower"):
+    args = ["--data", data, "--reward_model", "toy.scorers:redness", "--quality", "none", "--max_per_prompt", "0"]
+    with pytest.raises(SystemExit, match="--reward_model toy.scorers:redness has no text tower"):
         main(args + ["--out", str(tmp_path / "o.parquet")])  # diversity needs --embed_model or --gamma 0
     stats = main(args + ["--out", str(tmp_path / "all.parquet"), "--gamma", "0", "--k", "14"])
     assert (stats["kept"], stats["pairs_scored"], stats["prompts_embedded"]) == (14, 15, 0)
@@ -281,3 +281,5 @@ def test_redness_reward_is_the_toy_users_own(data, tmp_path):
     assert top["pairs_scored"] == 0  # from the cache
     kept = pq.read_table(tmp_path / "top.parquet").column("fifa_margin").to_pylist()
     assert sorted(kept) == sorted(t["fifa_margin"])[-5:]
+    with pytest.raises(SystemExit, match="cannot load the function 'toy.scorers:nothing'"):
+        main(args[:2] + ["--reward_model", "toy.scorers:nothing", "--gamma", "0", "--out", str(tmp_path / "x.parquet")] + args[4:])

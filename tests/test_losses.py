@@ -91,7 +91,7 @@ def test_one_dpo_step_moves_a_real_unet(tiny_pipe_dir):
     """At the same x_t, one optimizer step lowers the winner's error and raises the loser's."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     import copy
-    from common import add_noise_and_target
+    from losses import add_noise_and_target
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_pipe_dir, subfolder="unet")
     ref = copy.deepcopy(unet).requires_grad_(False)

@@ -2,7 +2,7 @@
 its feedback files. Nothing here trains the real toy base (see the slow test at the end).
 
     python -m pytest -q tests/test_toy.py                 # 3.5 CPU-minutes (18 min wall at load ~9)
-    python -m pytest -q tests/test_toy.py -m slow         # the base-model script end to end, tiny
+    python -m pytest -q tests/test_toy.py -m slow         # the base-model script end to end: 6 min, the real bar
 """
 import io
 import json
@@ -111,14 +111,14 @@ def test_feedback_files_have_the_documented_layouts(tiny_pipe_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_make_base_writes_a_loadable_pipeline(tmp_path):
-    """The base-model script end to end with a handful of steps: a pipeline SD's loader takes."""
+def test_make_base_reaches_the_bar_and_writes_a_loadable_pipeline(tmp_path):
+    """The base-model script end to end with its defaults, as runs/toy.sh builds it (6 min on 2 cores): at least
+    80% of its check samples have the caption's color (measured 86.1%), and SD's loader takes the result."""
     from diffusers import StableDiffusionPipeline
     out = tmp_path / "base"
-    summary = make_base.main(["--out", str(out), "--n_images", "64", "--vae_steps", "2", "--unet_steps", "2",
-                              "--batch", "8", "--check_n", "2", "--check_steps", "2", "--quiet"])
-    assert 0.0 <= summary["color_accuracy"] <= 1.0
-    assert json.loads((out / "toy_base.json").read_text())["args"]["unet_steps"] == 2
+    summary = make_base.main(["--out", str(out), "--threads", "2", "--quiet"])
+    assert summary["color_accuracy"] >= 0.80, summary
+    assert json.loads((out / "toy_base.json").read_text())["args"]["unet_steps"] == 1800
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
     assert pipe.scheduler.config.clip_sample is False
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the toy latents, not SD's

@@ -43,7 +43,9 @@ def test_full_finetune_two_steps_loads_in_diffusers(tiny_pipe_dir, pickapic, tmp
     assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
     for key in ["implicit_acc", "reward_margin", "policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l", "grad_norm", "lr", "pairs/s"]:
         assert key in log[0]
-    assert os.path.exists(out / "val" / "step_0000002.png")
+    from PIL import Image
+    grid = Image.open(out / "val" / "step_0000002.png")  # labelled: seed header, prompt beside each row, 32 px x 4
+    assert grid.size == (220 + 1 * 128, 26 + 2 * 128)
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     base, tuned = unet_weights(tiny_pipe_dir), unet_weights(str(out))
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
@@ -231,3 +233,35 @@ def test_two_ranks_equal_one_rank(tiny_pipe_dir, pickapic, tmp_path, lora):
         a, b = unet_weights(str(tmp_path / "one")), unet_weights(str(tmp_path / "two"))
     base = unet_weights(tiny_pipe_dir) if not lora else None
     assert_same_run(tmp_path / "one", tmp_path / "two", a, b, base, lr=1e-4, steps=3)
+
+
+def test_resume_skips_a_damaged_checkpoint(tiny_pipe_dir, pickapic, tmp_path, capsys):
+    """A truncated model.safetensors in the newest checkpoint (a disk fault, a cut copy): resume says so in one
+    line and continues from the complete one before it, ending where an uninterrupted run ends; with every
+    checkpoint damaged it stops with one clear line."""
+    cache = tmp_path / "cache"
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, tmp_path / "ref", cache, "--max_steps", "3"))
+    out = tmp_path / "out"
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "2"))
+    root = out / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step_0000001", "step_0000002"]
+    state = json.loads((root / "step_0000002" / "state.json").read_text())
+    weights = root / "step_0000002" / "model.safetensors"
+    assert state["files"]["model.safetensors"]["bytes"] == weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    capsys.readouterr()
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "3", "--resume"))
+    printed = capsys.readouterr().out
+    assert "checkpoint step_0000002 is damaged (model.safetensors has" in printed
+    assert "resumed from" in printed and "step_0000001 (step 1)" in printed
+    a, b = unet_weights(str(tmp_path / "ref")), unet_weights(str(out))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # as if never stopped: bitwise on the CPU
+    # every checkpoint damaged (a bit flipped: same size, other sha256): one line, no traceback
+    for step in sorted(d for d in os.listdir(root) if d.startswith("step_")):
+        path = root / step / "model.safetensors"
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1
+        path.write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
+        train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "5", "--resume"))
+    assert "does not match its recorded sha256" in capsys.readouterr().out

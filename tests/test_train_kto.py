@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import common
 import train_kto
 from conftest import COLORS, ROOT
-from losses import kto_loss, kto_reference_point, per_sample_error
+from losses import add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_one_kto_step_moves_a_real_unet(tiny_pipe_dir):
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([400, 600])
     emb = torch.randn(2, 77, unet.config.cross_attention_dim)
-    x_t, target = common.add_noise_and_target(sched, x0, eps, t)
+    x_t, target = add_noise_and_target(sched, x0, eps, t)
     errors = lambda m: per_sample_error(m(x_t, t, emb).sample, target)
     before = errors(unet).detach()
     ref_err = errors(ref).detach()
@@ -200,3 +200,18 @@ def test_two_ranks_equal_one_rank(tiny_pipe_dir, likes, tmp_path):
     b = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
     base = load_file(os.path.join(tiny_pipe_dir, "unet", "diffusion_pytorch_model.safetensors"))
     assert_same_run(tmp_path / "one", tmp_path / "two", a, b, base, lr=1e-4, steps=3)
+
+
+def test_step_zero_loss_and_a_reference_point_that_moves(tiny_pipe_dir, likes, tmp_path):
+    """The trainer's own log: at step 1 the policy is the reference, so every reward is 0 and the sigmoid loss
+    is 1 - sigmoid(0) = 0.5 exactly; as liked images get easier for the policy the batch's mean reward turns
+    positive and z_ref = max(0, mean r) follows it (one micro-batch a step, so it is that step's reward_d)."""
+    out = tmp_path / "out"
+    train_kto.main(args_for(tiny_pipe_dir, likes, out, tmp_path / "cache", "--max_steps", "6", "--micro_batch", "4",
+                            "--desirable_share", "1.0", "--lr", "3e-3"))
+    log = records(out)
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert log[0]["ref_point"] == 0.0 and log[0]["reward_d"] == pytest.approx(0.0, abs=1e-7)
+    for r in log:
+        assert r["ref_point"] == pytest.approx(max(0.0, r["reward_d"]), abs=1e-7)
+    assert max(r["ref_point"] for r in log) > 1e-4, [r["ref_point"] for r in log]

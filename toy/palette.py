@@ -1,6 +1,6 @@
 """The toy world's colors and the two image measurements built on them.
 
-Shared by the toy world (rendering, the red user) and scorers.py (the toy scorers).
+Shared by the toy world: rendering, the red user, and its two scorers (toy/scorers.py).
 Images are PIL images or HxWx3 arrays; arrays with values above 1 are taken as 0..255.
 """
 import numpy as np
