@@ -35,21 +35,19 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
 
-from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, fail, parse_label
+from common import atomic_path, fail
+from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, parse_label
 
 JOURNAL, METADATA, PAIRS = ".label_journal.jsonl", "metadata.jsonl", "pairs.jsonl"
 CHOICES = {False: ("liked", "disliked", "skip"), True: ("left", "right", "tie", "skip")}  # single images, pairs
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "label.html")
 
 
-def write_atomic(path, lines):
-    """Write the whole file under a temporary name, fsync, rename: readers see the old file or the new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_lines(path, lines):
+    """The whole file under a temporary name, then renamed: a reader sees the old file or the new one."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
 
 
 def read_jsonl(path):
@@ -83,7 +81,7 @@ class Labels:
                  f"no two images with the same prompt in {folder}: --pairs needs 2 or more images per prompt")
         journal = os.path.join(self.root, JOURNAL)
         self.decisions = self.replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
-        write_atomic(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
+        write_lines(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
         self.write_outputs()
 
     def skip(self, reason, n=1):
@@ -177,7 +175,7 @@ class Labels:
         for name, lines in ((METADATA, rows), (PAIRS, pairs)):  # never an empty file that was not there before:
             path = os.path.join(self.root, name)  # it would hide liked/ and disliked/ folders from train_kto.py
             if lines or os.path.exists(path):
-                write_atomic(path, lines)
+                write_lines(path, lines)
 
     def caption(self, rel):  # a carried-over label of an image that is gone keeps its old caption, if any
         return self.captions.get(rel) or self.known.get(rel) or ""
@@ -322,7 +320,8 @@ def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidan
     chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds."""
     import torch
     from PIL.PngImagePlugin import PngInfo
-    from evaluate import generate_batch, load_pipeline, load_prompts, load_scheduler, model_kind
+    from evaluate import generate_batch, load_prompts
+    from model import load_pipeline, load_scheduler, model_kind
     kind = model_kind(model) if os.path.isdir(model) else None
     if os.path.isdir(model) and kind is None:
         fail(f"--generate {model}: not a pipeline folder (model_index.json) nor a trainer's out_dir "
