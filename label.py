@@ -32,6 +32,7 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
 
@@ -70,9 +71,7 @@ class Labels:
 
     def __init__(self, folder, pairs):
         self.root, self.pairs, self.lock = os.path.realpath(folder), pairs, threading.Lock()
-        if not os.path.isdir(self.root):
-            fail(f"{folder} is not a folder")
-        self.skipped = {}  # reason -> count, shown on the page and printed
+        self.skipped = Counter()  # reason -> count, shown on the page and printed
         self.files, self.captions = self.scan()
         self.items = self.make_pairs() if pairs else [[f] for f in self.files]
         if not self.items:  # checked before anything is written
@@ -80,12 +79,12 @@ class Labels:
                  f"no images with a prompt in {folder} (skipped {self.skip_line()})" if not self.files else
                  f"no two images with the same prompt in {folder}: --pairs needs 2 or more images per prompt")
         journal = os.path.join(self.root, JOURNAL)
-        self.decisions = self.replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
-        write_lines(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
-        self.write_outputs()
-
-    def skip(self, reason, n=1):
-        self.skipped[reason] = self.skipped.get(reason, 0) + n
+        try:
+            self.decisions = self.replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
+            write_lines(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
+            self.write_outputs()
+        except OSError as e:
+            fail(f"cannot write into {folder} ({e.strerror or e}): label.py keeps its labels there")
 
     def skip_line(self):
         return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
@@ -109,13 +108,13 @@ class Labels:
                 if name.startswith(".") or not name.lower().endswith(IMAGE_EXTS):
                     continue
                 if not os.path.realpath(full).startswith(self.root + os.sep):
-                    self.skip("links out of the folder"); continue
+                    self.skipped["links out of the folder"] += 1; continue
                 rel = os.path.relpath(full, self.root).replace(os.sep, "/")
                 caption = known.get(rel) or caption_beside(full)
                 if caption is UNREADABLE:
-                    self.skip("unreadable images"); continue
+                    self.skipped["unreadable images"] += 1; continue
                 if not caption:
-                    self.skip("images without a prompt (no .txt beside it, none in the PNG)"); continue
+                    self.skipped["images without a prompt (no .txt beside it, none in the PNG)"] += 1; continue
                 files.append(rel)
                 captions[rel] = caption
         return sorted(files), captions
@@ -293,8 +292,8 @@ def make_server(labels, host="127.0.0.1", port=8765):
         fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
     server.daemon_threads = True
     port = server.server_address[1]
-    if host in ("127.0.0.1", "localhost", "::1"):
-        handler.hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    if host in ("127.0.0.1", "localhost"):
+        handler.hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
     with open(PAGE, encoding="utf-8") as f:
         handler.page = f.read().replace("__TOKEN__", handler.token).encode()
     server.url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}/"

@@ -206,6 +206,11 @@ def test_bad_input_gets_one_line_or_a_counted_skip(tmp_path):
     assert labels.state()["skipped"] == "1 images without a prompt (no .txt beside it, none in the PNG), 1 unreadable images"
     with pytest.raises(SystemExit, match="--pairs needs 2 or more images per prompt"):
         label.Labels(str(folder), pairs=True)
+    (folder / label.JOURNAL).unlink()
+    (folder / label.JOURNAL).mkdir()  # a file label.py cannot write (chmod would not stop root)
+    with pytest.raises(SystemExit, match=r"^error: cannot write into .*gens \(Is a directory\): label.py keeps its labels there$"):
+        label.Labels(str(folder), pairs=False)
+    (folder / label.JOURNAL).rmdir()
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
