@@ -41,6 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; nev
 
 import torch
 
+from common import atomic_path, fail
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -51,12 +53,16 @@ SIZE_DEFAULTS = {
     "small": dict(resolution=64, pairs=4, lora_rank=0, grad_checkpointing=False),
     # the real UNet at a small resolution, as one would fit it on a modest GPU: LoRA and checkpointing
     "sd15": dict(resolution=128, pairs=1, lora_rank=8, grad_checkpointing=True),
+    # SDXL's real UNet (2.6B parameters), likewise
+    "sdxl": dict(resolution=128, pairs=1, lora_rank=8, grad_checkpointing=True),
 }
 
 # flags whose default depends on --size say so; the others show theirs
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 a = parser.add_argument
-a("--size", choices=list(SIZE_DEFAULTS), default="small", help="tiny/small: SD-shaped toys (toy/models.py); sd15: the real SD1.5 UNet configuration (default: %(default)s)")
+a("--size", choices=list(SIZE_DEFAULTS), default="small", help="tiny/small: SD-shaped toys (toy/models.py); sd15, sdxl: the real SD1.5 / SDXL UNet configuration, random weights (default: %(default)s)")
+a("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the trainers' --precision: auto is bf16 on CUDA, fp32 on the CPU; bf16 runs under CPU autocast too (default: %(default)s)")
+a("--optimizer", choices=["adamw", "adafactor"], default="adamw", help="the trainers' --optimizer (default: %(default)s)")
 a("--algo", choices=["dpo", "kto"], default="dpo", help="which trainer to time: train_dpo.py or train_kto.py (default: %(default)s)")
 a("--ref_point", choices=["batch", "mismatched"], default="batch", help="KTO only: reference-point mode; mismatched costs one more no-grad forward of each model (default: %(default)s)")
 a("--steps", type=int, default=20, help="optimizer steps timed, after warm-up (default: %(default)s)")
@@ -89,16 +95,25 @@ def build_model(size, out_dir, seed=0):
     CLIP text encoder of width 768 (the UNet's cross-attention width) and a narrow VAE with SD1.5's 4
     levels (8x down-sampling, 4 latent channels).
     """
-    if size != "sd15":
+    if size not in ("sd15", "sdxl"):
         from toy.models import build_pipeline
         build_pipeline(out_dir, size, seed=seed)
         return
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from toy.models import write_tokenizer
     torch.manual_seed(seed)
-    with torch.device("meta"):  # SD1.5's unet/config.json: the library defaults but for these two (defaults 1280, None)
-        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+    with torch.device("meta"):
+        if size == "sd15":  # SD1.5's unet/config.json: the library defaults but for these two (defaults 1280, None)
+            unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+        else:  # SDXL base 1.0's unet/config.json
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
     unet = unet.to_empty(device="cpu")  # uninitialised memory; every parameter is written below (no buffers)
     pool = torch.randn(1 << 25)
     with torch.no_grad():
@@ -111,19 +126,28 @@ def build_model(size, out_dir, seed=0):
         for m in unet.modules():
             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
                 m.weight.fill_(1.0)
+
+    def encoder(hidden, cls=CLIPTextModel, **kw):  # one layer: it only feeds the one-off cache
+        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=1,
+                                  num_attention_heads=hidden // 64, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw))
     tok = write_tokenizer(os.path.join(out_dir, "tokenizer"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         norm_num_groups=8, layers_per_block=1, sample_size=512)
     # SD1.5's scheduler settings, as in toy/models.py
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(out_dir, safe_serialization=True)
+    if size == "sd15":
+        StableDiffusionPipeline(vae=vae, text_encoder=encoder(768), tokenizer=tok, unet=unet, scheduler=scheduler,
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(out_dir, safe_serialization=True)
+    else:  # SDXL's two encoders: widths 768 and 1280 (2048 together), the second with a 1280-d projection
+        tok_2 = write_tokenizer(os.path.join(out_dir, "tokenizer_2"))
+        StableDiffusionXLPipeline(vae=vae, text_encoder=encoder(768), text_encoder_2=encoder(1280, CLIPTextModelWithProjection,
+                                                                                             projection_dim=1280),
+                                  tokenizer=tok, tokenizer_2=tok_2, unet=unet,
+                                  scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
 
 
 def write_pickapic(path, n, resolution, seed=0):
@@ -141,12 +165,12 @@ def write_pickapic(path, n, resolution, seed=0):
         Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(buf, format="JPEG")
         return buf.getvalue()
     first_wins = rng.random(n) < 0.5
-    pq.write_table(pa.table({
-        "caption": [f"a {colors[i % len(colors)]} {things[i // len(colors) % len(things)]}" for i in range(n)],
-        "jpg_0": [jpeg() for _ in range(n)], "jpg_1": [jpeg() for _ in range(n)],
-        "label_0": [1.0 if w else 0.0 for w in first_wins], "label_1": [0.0 if w else 1.0 for w in first_wins],
-        "image_0_uid": [f"{i}a" for i in range(n)], "image_1_uid": [f"{i}b" for i in range(n)]}), path + ".tmp")
-    os.replace(path + ".tmp", path)  # complete or absent: a kept work_dir never holds half a file
+    with atomic_path(path) as tmp:  # complete or absent: a kept work_dir never holds half a file
+        pq.write_table(pa.table({
+            "caption": [f"a {colors[i % len(colors)]} {things[i // len(colors) % len(things)]}" for i in range(n)],
+            "jpg_0": [jpeg() for _ in range(n)], "jpg_1": [jpeg() for _ in range(n)],
+            "label_0": [1.0 if w else 0.0 for w in first_wins], "label_1": [0.0 if w else 1.0 for w in first_wins],
+            "image_0_uid": [f"{i}a" for i in range(n)], "image_1_uid": [f"{i}b" for i in range(n)]}), tmp)
     return path
 
 
@@ -182,7 +206,8 @@ def run_trainer(args, pipe_dir, data, out_dir, cache_dir):
             "--max_steps", str(window + args.steps), "--log_every", str(window), "--val_every", "-1",
             "--save_every", "0", "--global_batch", str(args.micro_batch * args.accum),
             "--micro_batch", str(args.micro_batch), "--lora_rank", str(args.lora_rank),
-            "--resolution", str(args.resolution), "--seed", str(args.seed)]
+            "--resolution", str(args.resolution), "--seed", str(args.seed), "--precision", args.precision,
+            "--optimizer", args.optimizer]
     argv += ["--grad_checkpointing"] if args.grad_checkpointing else []
     marks = []
     with cpu_time_at_each_log(marks):
@@ -213,10 +238,10 @@ def run_floor(args, pipe_dir):
     from tqdm import tqdm
     import common
     import model
-    ctx = common.setup(args.seed)
+    ctx = common.setup(args.seed, args.precision)
     unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet", dtype=torch.float32).to(ctx.device)
     params, reference = model.prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
+    optimizer = common.make_optimizer(args.optimizer, params, 1e-5, 1e-2)
     with open(os.path.join(pipe_dir, "vae", "config.json")) as f:  # the VAE halves the side at every level but the last
         side = args.resolution // 2 ** (len(json.load(f)["block_out_channels"]) - 1)
     n = 2 * args.micro_batch if args.algo == "dpo" else args.micro_batch  # DPO: [winners; losers] in one forward
@@ -226,15 +251,23 @@ def run_floor(args, pipe_dir):
     emb = torch.randn(n, 77, unet.config.cross_attention_dim, device=ctx.device)
     mismatched = args.algo == "kto" and args.ref_point == "mismatched"
 
+    cond = {"encoder_hidden_states": emb}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled prompt and six time ids per image
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        cond.update(text_embeds=torch.randn(n, pooled, device=ctx.device),
+                    time_ids=torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2] * n, device=ctx.device,
+                                          dtype=torch.float32))
+    rolled = model.roll_prompts(cond)
+
     def step():
         for _ in range(args.accum):
             with ctx.autocast():
-                reference(x_t, t, emb)  # no grad
+                reference(x_t, t, cond)  # no grad
                 if mismatched:  # the reference point: each image with another image's prompt, both models, no grad
-                    reference(x_t, t, emb.roll(1, 0))
+                    reference(x_t, t, rolled)
                     with torch.no_grad():
-                        unet(x_t, t, emb.roll(1, 0))
-                pred = unet(x_t, t, emb).sample
+                        model.denoise(unet, x_t, t, rolled)
+                pred = model.denoise(unet, x_t, t, cond)
             (pred.float() - target).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -263,7 +296,7 @@ def main(argv=None):
         args.micro_batch = defaults["pairs"] * (2 if args.algo == "kto" else 1)
     args.unit = "pairs" if args.algo == "dpo" else "images"
     if args.pretrained and not os.path.exists(os.path.join(args.pretrained, "model_index.json")):
-        raise SystemExit(f"error: --pretrained {args.pretrained} is not a diffusers pipeline folder (no model_index.json)")
+        fail(f"--pretrained {args.pretrained} is not a diffusers pipeline folder (no model_index.json)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -272,7 +305,7 @@ def main(argv=None):
           f"({args.micro_batch} x {args.accum} accumulation), {args.resolution} px, "
           f"{'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tune'}"
           f"{', gradient checkpointing' if args.grad_checkpointing else ''}, "
-          f"{'cuda' if cuda else f'cpu, {torch.get_num_threads()} threads'}")
+          f"{'cuda' if cuda else f'cpu, {torch.get_num_threads()} threads'}, precision {args.precision}, {args.optimizer}")
 
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-")
     os.makedirs(work, exist_ok=True)
@@ -284,6 +317,19 @@ def main(argv=None):
             subprocess.run([sys.executable, "-c", f"import bench; bench.build_model({args.size!r}, {pipe_dir!r}, {args.seed})"],
                            cwd=ROOT, check=True)
             print(f"built the {args.size} model with random weights in {time.time() - t0:.1f}s: {pipe_dir}")
+        if not args.lora_rank:  # a full fine-tune holds weights, gradients and the fp32 reference: does it fit here?
+            weights = sum(os.path.getsize(os.path.join(pipe_dir, "unet", f)) for f in os.listdir(os.path.join(pipe_dir, "unet"))
+                          if f.endswith(".safetensors"))
+            need = 3 * weights + (2 * weights if args.optimizer == "adamw" else weights // 100)  # Adafactor: ~1% of it
+            have = torch.cuda.get_device_properties(0).total_memory if cuda else \
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            print(f"full fine-tune: weights, gradients and reference {3 * weights / 2**30:.1f} GB + {args.optimizer} state "
+                  f"{(need - 3 * weights) / 2**30:.1f} GB = {need / 2**30:.1f} GB before activations; this machine has "
+                  f"{have / 2**30:.1f} GB")
+            if need > have:
+                print(f"size={args.size} algo={args.algo} lora_rank=0 optimizer={args.optimizer} fits=no "
+                      f"need_gb={need / 2**30:.1f} have_gb={have / 2**30:.1f}")
+                return {"size": args.size, "fits": "no"}
         # a pair per sample of the run (capped): the timed steps read the data as a first epoch does.
         # Written once per work_dir: a rewritten file has a new mtime, which would invalidate the cache
         n_pairs = min(2048, max(8, (max(args.warmup, args.steps) + args.steps) * batch))
@@ -326,6 +372,7 @@ def main(argv=None):
         "size": args.size, "algo": args.algo + (f"-{args.ref_point}" if args.algo == "kto" else ""),
         "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads(), "res": args.resolution,
         "lora_rank": args.lora_rank, "grad_ckpt": int(bool(args.grad_checkpointing)), f"{args.unit}_per_step": batch,
+        "precision": args.precision, "optimizer": args.optimizer,
         "steps": args.steps, "repeats": args.repeats,
         f"{args.unit}/s": f"{batch / step_s:.4g}", "s/step": f"{step_s:.4g}",
         f"floor_{args.unit}/s": f"{batch / floor_s:.4g}", "floor_s/step": f"{floor_s:.4g}",

@@ -1,13 +1,21 @@
-"""The one-off cache of VAE latents and text embeddings, and its reader.
+"""The one-off cache of VAE latents and text embeddings, its reader, and the no-cache alternative.
 
 Everything that does not change during training is computed once: the VAE posterior of every image (and
-of its mirror image) and the text embedding of every caption. Training then never runs the VAE or the
-text encoder. The cache is keyed by the data, the models and the preprocessing (cache_key), so a stale
-cache is never read; it is written in chunks, each whole or absent, so an interrupted pass resumes.
+of its mirror image) and the text embedding of every caption (for SDXL also its pooled embedding, and each
+image's time ids). Training then never runs the VAE or the text encoders. The cache is keyed by the data,
+the models and the preprocessing (cache_key), so a stale cache is never read; it is written in chunks, each
+whole or absent, so an interrupted pass resumes. What it stores (--latent_cache):
+- posterior: mean and std of each image's posterior; every step draws x0 = mean + std * noise afresh,
+  exactly as `latent_dist.sample()` would (the default);
+- mean: the mean only (`latent_dist.mode()`), half the size; every draw is then the same latent, which
+  deviates from sampling (the posterior's std is small next to the noise added for training, but not zero);
+- none: nothing is stored; each step encodes its images and prompts on the fly, as the public trainers do.
+`--no-random_flip` stores no mirror images (half the size again).
 """
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -15,14 +23,17 @@ from PIL import Image
 
 from common import barrier, fail, save_safetensors, write_json
 from data import read_images
+from model import encode_prompts, time_ids
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CHUNK = 1024  # images (or captions) per cache file; each file is written whole or not at all
 ENCODE_BATCH = 8  # images per VAE forward: a 512 px batch of 8 fits any GPU that trains SD1.5
+MODES = ("posterior", "mean", "none")
 
 
 def to_tensor(img, resolution):
-    """Resize the shorter side to `resolution` (bicubic), center-crop a square, scale to [-1, 1]. (3,H,W)"""
+    """Resize the shorter side to `resolution` (bicubic), center-crop a square, scale to [-1, 1].
+    Returns ((3,H,W), (crop top, crop left) in the resized image, which SDXL's time ids record)."""
     w, h = img.size
     s = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
@@ -30,17 +41,27 @@ def to_tensor(img, resolution):
     left, top = (w - resolution) // 2, (h - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
+    return x / 127.5 - 1.0, (top, left, w)
 
 
-def cache_key(fb, resolution, flip, models):
+def image_time_ids(img, crop, resolution, flipped):
+    """SDXL time ids of one preprocessed image: its real size, the crop we took (the mirror image's crop is
+    mirrored: its left edge is the resized width minus the right edge), the training size."""
+    top, left, resized_w = crop
+    if flipped:
+        left = resized_w - resolution - left
+    return time_ids((img.height, img.width), (top, left), (resolution, resolution))
+
+
+def cache_key(fb, resolution, flip, models, mode):
     """A key that changes whenever the data, the models or the preprocessing change.
 
     Data: every image reference with the size and modification time of its file, and the captions.
     Models: a hash of the VAE and text-encoder weights themselves (not their path) and of the token
     ids of every caption, so a stale cache is never used for other data, model or resolution.
     """
-    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "res": resolution, "flip": flip}).encode())
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "res": resolution, "flip": flip, "mode": mode,
+                                   "family": models.family}).encode())
     files = fb.paths if fb.paths is not None else fb.parquet_files
     for p in files:
         st = os.stat(p)
@@ -50,8 +71,8 @@ def cache_key(fb, resolution, flip, models):
             h.update(np.ascontiguousarray(a).tobytes())
     for c in fb.captions:
         h.update(c.encode() + b"\0")
-    for model in (models.vae, models.text_encoder):
-        for name, t in sorted(model.state_dict().items()):
+    for model in (models.vae, models.text_encoder, models.text_encoder_2):
+        for name, t in sorted(model.state_dict().items()) if model is not None else []:
             h.update(name.encode())
             h.update(t.detach().float().cpu().numpy().tobytes())
     tok = models.tokenizer
@@ -60,37 +81,76 @@ def cache_key(fb, resolution, flip, models):
     return h.hexdigest()[:20]
 
 
+def latent_side(vae, resolution):
+    return resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def cache_bytes(models, resolution, flip, mode):
+    """(bytes per image, bytes per caption) the cache stores, in fp16."""
+    side = latent_side(models.vae, resolution)
+    per_image = models.vae.config.latent_channels * side * side * 2 * (2 if mode == "posterior" else 1) * (2 if flip else 1)
+    width = models.text_encoder.config.hidden_size + (models.text_encoder_2.config.hidden_size if models.text_encoder_2 else 0)
+    per_caption = 77 * width * 2 + (models.text_encoder_2.config.projection_dim * 2 if models.text_encoder_2 else 0)
+    return per_image, per_caption
+
+
+def human(n):
+    return next(f"{n / 1024 ** k:.1f} {u}" for k, u in ((3, "GB"), (2, "MB"), (1, "KB"), (0, "B")) if n >= 1024 ** k or not k)
+
+
 @torch.no_grad()
-def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False):
+def encode_images(models, images, resolution, ctx, flipped=False):
+    """VAE posteriors (mean, std) times the scaling factor of PIL images (None: zeros), and SDXL time ids."""
+    scale = models.vae.config.scaling_factor  # always the VAE's own (SD1.5 0.18215, SDXL 0.13025)
+    blank = Image.new("RGB", (resolution, resolution))
+    prepared = [to_tensor(im if im is not None else blank, resolution) for im in images]
+    x = torch.stack([t for t, _ in prepared])  # (n,3,H,W) in [-1, 1]
+    post = models.vae.encode((x.flip(-1) if flipped else x).to(ctx.device, models.vae.dtype)).latent_dist
+    ids = torch.stack([image_time_ids(im if im is not None else blank, crop, resolution, flipped)
+                       for im, (_, crop) in zip(images, prepared)])
+    return post.mean * scale, post.std * scale, ids
+
+
+@torch.no_grad()
+def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False, mode="posterior"):
     """Encode every image and caption once; every rank encodes its share of the chunks in parallel.
 
     Per image we store the VAE posterior N(mean, std^2) (times the scaling factor), not one sample of
-    it: training draws x0 = mean + std * noise afresh each time, exactly as `latent_dist.sample()`
-    would on the fly. With `flip`, the posterior of the mirrored image is stored too, and training
-    picks one of the two by a coin toss per image per step (the paper flips w and l independently).
-    Chunks already on disk are kept, so an interrupted cache pass resumes where it stopped.
-    models: tokenizer, text_encoder, vae (on ctx.device, in ctx.frozen_dtype). Returns the cache folder.
+    it (see the module docstring for --latent_cache mean). With `flip`, the posterior of the mirrored
+    image is stored too, and training picks one of the two by a coin toss per image per step (the paper
+    flips w and l independently). Before encoding it prints the size it will take and stops with one
+    line if the disk cannot hold it. Chunks already on disk are kept, so an interrupted pass resumes.
+    models: model.load_models' parts (on ctx.device). Returns the cache folder.
     """
     from tqdm import tqdm
-    vae, text_encoder, tokenizer = models.vae, models.text_encoder, models.tokenizer
-    folder = os.path.join(cache_root, cache_key(fb, resolution, flip, models))
-    os.makedirs(folder, exist_ok=True)
+    folder = os.path.join(cache_root, cache_key(fb, resolution, flip, models, mode))
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
-    scale = vae.config.scaling_factor
     n_img, n_cap = fb.num_images, len(fb.captions) + 1  # the last caption is "" for prompt dropout
+    per_image, per_caption = cache_bytes(models, resolution, flip, mode)
+    need = n_img * per_image + n_cap * per_caption
+    os.makedirs(cache_root, exist_ok=True)
+    have = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) if os.path.isdir(folder) else 0
+    free = shutil.disk_usage(cache_root).free
+    ctx.say(f"cache: {n_img:,} images x {human(per_image)} + {n_cap:,} captions x {human(per_caption)} = {human(need)} "
+            f"({mode}{', with mirror images' if flip else ''}) in {folder}; {human(free)} free")
+    if need - have > free:
+        fail(f"the cache needs {human(need - have)} more in {cache_root} but only {human(free)} are free: use another "
+             f"--cache_dir, --latent_cache mean (half), --no-random_flip (half), or --latent_cache none")
+    os.makedirs(folder, exist_ok=True)
     img_chunks = [(f"images-{c:06d}.safetensors", c * CHUNK, min(n_img, (c + 1) * CHUNK)) for c in range((n_img + CHUNK - 1) // CHUNK)]
     cap_chunks = [(f"texts-{c:06d}.safetensors", c * CHUNK, min(n_cap, (c + 1) * CHUNK)) for c in range((n_cap + CHUNK - 1) // CHUNK)]
     todo = [ch for ch in (img_chunks + cap_chunks)[ctx.rank::ctx.world] if not os.path.exists(os.path.join(folder, ch[0]))]
     bar = tqdm(todo, desc=f"caching latents and embeddings (rank {ctx.rank})", disable=not ctx.master)
     for name, lo, hi in bar:
         if name.startswith("texts"):
-            texts = (fb.captions + [""])[lo:hi]
-            ids = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                            return_tensors="pt").input_ids.to(ctx.device)
-            emb = torch.cat([text_encoder(b).last_hidden_state.to(torch.float16).cpu()  # (n, 77, d): what the UNet attends to
-                             for b in ids.split(64 * ENCODE_BATCH)])
-            save_safetensors({"emb": emb}, os.path.join(folder, name))
+            texts, out = (fb.captions + [""])[lo:hi], {}
+            parts = [encode_prompts(models, texts[b:b + 64 * ENCODE_BATCH], ctx.device)
+                     for b in range(0, len(texts), 64 * ENCODE_BATCH)]
+            out["emb"] = torch.cat([e.to(torch.float16).cpu() for e, _ in parts])  # (n, 77, d): what the UNet attends to
+            if models.family == "sdxl":
+                out["pooled"] = torch.cat([p.to(torch.float16).cpu() for _, p in parts])  # (n, d2)
+            save_safetensors(out, os.path.join(folder, name))
             continue
         images = read_images(fb, list(range(lo, hi)))
         valid = torch.tensor([im is not None for im in images], dtype=torch.uint8)
@@ -99,21 +159,29 @@ def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False):
             fail(f"image {fb.describe_image(bad)} is missing or corrupt (drop --strict to skip such pairs)")
         out = {"valid": valid}
         for suffix in ["", "_flip"] if flip else [""]:
-            means, stds = [], []
+            means, stds, ids = [], [], []
             for b in range(0, len(images), ENCODE_BATCH):
-                x = torch.stack([to_tensor(im, resolution) if im is not None else torch.zeros(3, resolution, resolution)
-                                 for im in images[b:b + ENCODE_BATCH]])  # (n,3,H,W) in [-1, 1]
-                post = vae.encode((x.flip(-1) if suffix else x).to(ctx.device, ctx.frozen_dtype)).latent_dist
-                means.append((post.mean * scale).to(torch.float16).cpu())  # (n,4,H/8,W/8)
-                stds.append((post.std * scale).to(torch.float16).cpu())
-            out["mean" + suffix], out["std" + suffix] = torch.cat(means), torch.cat(stds)
+                mean, std, tid = encode_images(models, images[b:b + ENCODE_BATCH], resolution, ctx, flipped=bool(suffix))
+                means.append(mean.to(torch.float16).cpu())  # (n,4,H/8,W/8)
+                stds.append(std.to(torch.float16).cpu())
+                ids.append(tid)
+            out["mean" + suffix] = torch.cat(means)
+            if mode == "posterior":
+                out["std" + suffix] = torch.cat(stds)
+            if models.family == "sdxl":
+                out["time_ids" + suffix] = torch.cat(ids)  # (n, 6)
         save_safetensors(out, os.path.join(folder, name))
     barrier()
     if ctx.master:
-        write_json({"images": n_img, "captions": n_cap, "resolution": resolution, "flip": flip, "source": fb.source},
-                   os.path.join(folder, "meta.json"))
+        write_json({"images": n_img, "captions": n_cap, "resolution": resolution, "flip": flip, "mode": mode,
+                    "family": models.family, "source": fb.source}, os.path.join(folder, "meta.json"))
     barrier()
     return folder
+
+
+def stack_conditions(conds):
+    """A list of per-sample condition dicts -> one dict of batched tensors."""
+    return {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
 
 
 class LatentCache:
@@ -130,6 +198,8 @@ class LatentCache:
         n_files = (self.meta["images"] + CHUNK - 1) // CHUNK
         self.valid = torch.cat([self.open(f"images-{c:06d}.safetensors").get_tensor("valid") for c in range(n_files)]).bool()
         self.empty_caption = self.meta["captions"] - 1
+        self.sdxl = self.meta["family"] == "sdxl"
+        self.posterior = self.meta["mode"] == "posterior"
 
     def _get(self, prefix, key, i):
         return self.open(f"{prefix}-{i // CHUNK:06d}.safetensors").get_slice(key)[i % CHUNK:i % CHUNK + 1][0]
@@ -137,10 +207,70 @@ class LatentCache:
     def latent(self, i, flipped, noise):
         """One draw x0 = mean + std * noise from image i's stored VAE posterior (or its mirror's). (4,h,w)"""
         suffix = "_flip" if flipped else ""
-        return self._get("images", "mean" + suffix, i).float() + self._get("images", "std" + suffix, i).float() * noise
+        mean = self._get("images", "mean" + suffix, i).float()
+        return mean + self._get("images", "std" + suffix, i).float() * noise if self.posterior else mean
 
-    def text(self, c):
-        return self._get("texts", "emb", c).float()  # (77, d)
+    def condition(self, c, i, flipped):
+        """What the UNet is conditioned on for caption c with image i: {encoder_hidden_states: (77, d)} and for
+        SDXL text_embeds (d2,) and the image's time_ids (6,)."""
+        cond = {"encoder_hidden_states": self._get("texts", "emb", c).float()}
+        if self.sdxl:
+            cond["text_embeds"] = self._get("texts", "pooled", c).float()
+            cond["time_ids"] = self._get("images", "time_ids" + ("_flip" if flipped else ""), i).float()
+        return cond
 
     def latent_shape(self):
         return tuple(self._get("images", "mean", 0).shape)
+
+
+class OnTheFly:
+    """--latent_cache none: the same interface as LatentCache, each image and prompt encoded when drawn, in fp32
+    from the VAE's posterior (the cache rounds mean and std to fp16). Every image is decoded once at the start
+    to find the unreadable ones, which are skipped and counted like the cache's."""
+
+    def __init__(self, fb, models, resolution, ctx):
+        self.fb, self.models, self.resolution, self.ctx = fb, models, resolution, ctx
+        self.folder = "none (encoded on the fly)"
+        self.valid = torch.tensor([im is not None for k in range(0, fb.num_images, CHUNK)
+                                   for im in read_images(fb, list(range(k, min(fb.num_images, k + CHUNK))))])
+        self.empty_caption = len(fb.captions)
+        self.sdxl = models.family == "sdxl"
+        self._text, self._images = {}, {}
+
+    def _image(self, i, flipped):
+        """(mean, std, time ids) of image i; the last few are kept: a sample asks for its latent, then its time ids."""
+        if (i, flipped) not in self._images:
+            if len(self._images) >= 4:
+                self._images.pop(next(iter(self._images)))
+            mean, std, tid = encode_images(self.models, read_images(self.fb, [i]), self.resolution, self.ctx, flipped)
+            self._images[i, flipped] = mean[0].float().cpu(), std[0].float().cpu(), tid[0]
+        return self._images[i, flipped]
+
+    def latent(self, i, flipped, noise):
+        mean, std, _ = self._image(i, flipped)
+        return mean + std * noise
+
+    @torch.no_grad()
+    def condition(self, c, i, flipped):
+        if c not in self._text:  # a caption's embedding is made once per run; the image's time ids each time
+            if len(self._text) > 4096:
+                self._text.clear()
+            emb, pooled = encode_prompts(self.models, [(self.fb.captions + [""])[c]], self.ctx.device)
+            self._text[c] = (emb[0].float().cpu(), pooled[0].float().cpu() if pooled is not None else None)
+        emb, pooled = self._text[c]
+        cond = {"encoder_hidden_states": emb}
+        if self.sdxl:
+            cond["text_embeds"], cond["time_ids"] = pooled, self._image(i, flipped)[2]
+        return cond
+
+    def latent_shape(self):
+        side = latent_side(self.models.vae, self.resolution)
+        return (self.models.vae.config.latent_channels, side, side)
+
+
+def open_cache(fb, args, models, ctx):
+    """The trainers' latents and prompts for --latent_cache: a built LatentCache, or OnTheFly."""
+    if args.latent_cache == "none":
+        return OnTheFly(fb, models, args.resolution, ctx)
+    return LatentCache(build_cache(fb, args.cache_dir, models, args.resolution, args.random_flip, ctx, args.strict,
+                                   args.latent_cache))

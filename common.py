@@ -75,15 +75,35 @@ def sha256_file(path, block=1 << 20):
 # ------------------------------------------------------------------------------------------------
 # processes, device, precision
 
-def setup(seed):
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision, cuda):
+    """--precision auto is bf16 on CUDA and fp32 on the CPU; bf16 and fp32 are taken as asked, on either."""
+    if precision not in PRECISIONS:
+        fail(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return ("bf16" if cuda else "fp32") if precision == "auto" else precision
+
+
+def autocast_for(device, precision):
+    """The context every forward runs in: bf16 autocast (CUDA or CPU, the same code path) or nothing (fp32)."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def setup(seed, precision="auto"):
     """Read torchrun's environment; nccl on CUDA, gloo on CPU, so the same code is testable without a GPU.
 
-    Precision: on CUDA, trainable weights stay fp32 and forwards run under bf16 autocast (bf16 has
-    fp32's range, so no loss scaling); frozen models are held in bf16. On the CPU everything is fp32:
-    CPU bf16 is slow and the CPU is where tests check exact results.
+    Precision (--precision; auto = bf16 on CUDA, fp32 on the CPU): under bf16, trainable weights (and the
+    full fine-tune's reference, see model.prepare_policy) stay fp32 and forwards run under bf16 autocast
+    (bf16 has fp32's range, so no loss scaling); the text encoders, and the VAE where its config allows,
+    are held in bf16: their outputs are cached once. On the CPU bf16 runs the same path under CPU autocast
+    (a real speed-up where the CPU has avx512_bf16), so the tests exercise it; fp32 is exact everywhere.
     """
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     cuda = torch.cuda.is_available()
+    precision = resolve_precision(precision, cuda)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
@@ -91,9 +111,9 @@ def setup(seed):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(seed)
-    ctx = SimpleNamespace(rank=rank, world=world, master=rank == 0, device=device, cuda=cuda,
-                          frozen_dtype=torch.bfloat16 if cuda else torch.float32)
-    ctx.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    ctx = SimpleNamespace(rank=rank, world=world, master=rank == 0, device=device, cuda=cuda, precision=precision,
+                          dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    ctx.autocast = autocast_for(device, precision)
     ctx.say = print if ctx.master else (lambda *a, **k: None)  # rank 0 alone prints
     return ctx
 
@@ -125,9 +145,36 @@ def accumulation(global_batch, micro_batch, world):
 
 def describe_setup(ctx, global_batch, micro_batch, accum, unit):
     """The derived numbers and the reason for the dtype, printed once at the start."""
+    precision = (f"bf16 autocast on {ctx.device.type}, fp32 trainable weights and reference, bf16 text encoders"
+                 if ctx.precision == "bf16" else "fp32")
     return (f"{ctx.world} process(es) on {ctx.device.type}; global batch {global_batch} {unit} = {ctx.world} x micro-batch "
-            f"{micro_batch} x {accum} accumulation steps; "
-            + ("bf16 autocast, fp32 trainable weights, bf16 frozen models" if ctx.cuda else "fp32 (CPU)"))
+            f"{micro_batch} x {accum} accumulation steps; {precision}")
+
+
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def make_optimizer(name, params, lr, weight_decay):
+    """AdamW, or Adafactor as the official SDXL DPO run uses it (transformers': no relative step, no
+    parameter scaling, update clipping 1.0): its factored second moments take a few MB where AdamW's two
+    fp32 states take twice the weights (21 GB for SDXL's UNet)."""
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False, clip_threshold=1.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_state_bytes(name, params):
+    """What the optimizer's state will hold: AdamW two fp32 tensors per parameter; Adafactor (no first moment)
+    a row and a column vector per matrix (factored over the last two dimensions), a full one per vector."""
+    if name == "adamw":
+        return sum(8 * p.numel() for p in params)
+    total = 0
+    for p in params:
+        shape = p.shape
+        total += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else p.numel())
+    return total
 
 
 def wrap_ddp(module, ctx):
@@ -205,16 +252,17 @@ def save_checkpoint(out_dir, step, trainable, optimizer, config, keep=2):
     with atomic_path(os.path.join(root, name)) as tmp:
         os.makedirs(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, os.path.join(tmp, "model.safetensors"))
-        save_file({f"{pid}.{k}": v.contiguous().cpu() for pid, st in opt["state"].items() for k, v in st.items()},
-                  os.path.join(tmp, "optimizer.safetensors"))
+        save_file({f"{pid}.{k}": v.contiguous().cpu() for pid, st in opt["state"].items() for k, v in st.items()
+                   if torch.is_tensor(v)}, os.path.join(tmp, "optimizer.safetensors"))
+        scalars = {f"{pid}.{k}": v for pid, st in opt["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
         files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256_file(os.path.join(tmp, f))}
                  for f in CHECKPOINT_FILES}
         rng = {"torch": torch.get_rng_state().tolist()}
         if torch.cuda.is_available():
             rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-        with open(os.path.join(tmp, "state.json"), "w") as f:
+        with open(os.path.join(tmp, "state.json"), "w") as f:  # Adafactor keeps its step count as a plain number
             json.dump({"step": step, "param_groups": opt["param_groups"], "rng": rng, "config": config,
-                       "files": files}, f)
+                       "files": files, "optimizer_scalars": scalars}, f)
     with atomic_path(os.path.join(root, "latest")) as tmp:
         with open(tmp, "w") as f:
             f.write(name)
@@ -276,7 +324,8 @@ def resume(out_dir, optimizer, config, resume_keys, say=print):
         fail(f"cannot resume {folder}: it was trained with other " + ", ".join(
             f"--{k} ({state['config'].get(k)} there, {config.get(k)} now)" for k in changed))
     opt_state = {}
-    for key, v in load_file(os.path.join(folder, "optimizer.safetensors")).items():
+    for key, v in [*load_file(os.path.join(folder, "optimizer.safetensors")).items(),
+                   *state.get("optimizer_scalars", {}).items()]:
         pid, name = key.split(".", 1)
         opt_state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
@@ -379,6 +428,10 @@ def base_parser(description):
     a("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (both mirror images are cached)")
     a("--prompt_dropout", type=float, help="share of prompts replaced by the empty prompt")
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
+    a("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on the CPU; bf16: bf16 autocast (also on the CPU), fp32 weights and reference; fp32: exact")
+    a("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw; adafactor: factored second moments, as the official SDXL DPO run (small state)")
+    a("--vae", default="", help="a replacement VAE (folder or hub id), e.g. the community fp16-fix VAE for SDXL; '' = the pipeline's own")
+    a("--latent_cache", choices=["posterior", "mean", "none"], default="posterior", help="what the cache stores: each image's VAE posterior (sampled every step), its mean only (half the size; deviates from sampling), or nothing (encode on the fly)")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and every per-sample draw")
     a("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "diffusion-align"), help="where cached latents and text embeddings are kept (reused across runs)")
     a("--strict", action="store_true", help="stop at the first unreadable image instead of skipping and counting it")

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import atomic_path, fail, write_json
+from common import PRECISIONS, atomic_path, autocast_for, fail, resolve_precision, write_json
 from model import load_pipeline, load_scheduler, model_kind, sampling_pipeline
 from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, SCORERS, load_scorers
 
@@ -276,6 +276,8 @@ def parse_args(argv):
     p.add_argument("--score_batch_size", type=int, default=32, help="images per scorer call")
     p.add_argument("--grid_prompts", type=int, default=16, help="rows of grid.png: the first K prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 on CUDA, fp32 on the CPU; bf16: sample under bf16 autocast (also on the CPU); fp32")
     p.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
     return p.parse_args(argv)
 
@@ -309,7 +311,7 @@ def check_resume(out, run):
         with open(path) as f:
             old = json.load(f)
         k = min(len(old["prompts"]), len(run["prompts"]))
-        changed = [k for k in ("pretrained", "scheduler", "steps", "guidance", "resolution", "batch_size")
+        changed = [k for k in ("pretrained", "scheduler", "steps", "guidance", "resolution", "batch_size", "precision")
                    if old.get(k, run[k]) != run[k]]  # the batch, too: rounding may depend on it (generate_batch)
         changed += ["prompts"] * (old["prompts"][:k] != run["prompts"][:k])
         changed += [f"model {m}" for m, src in old["models"].items() if run["models"].get(m, src) != src]
@@ -334,8 +336,9 @@ def nan_to_none(x):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    # fp16 on CUDA: SD1.5 is released in fp16 and samples the same; fp32 on CPU, where fp16 is slow
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # weights in fp32; --precision bf16 (auto on CUDA) samples under bf16 autocast, on the CPU too
+    precision = resolve_precision(args.precision, device.type == "cuda")
+    dtype, autocast = torch.float32, autocast_for(device, precision)
     models = dict(base=args.pretrained, **parse_models(args.model))  # name -> where its weights come from
     names = list(models)
     prompts = load_prompts(args.prompts)[:args.max_prompts]
@@ -344,12 +347,13 @@ def main(argv=None):
     seeds = list(range(args.seed, args.seed + args.n))
     P, N = len(prompts), len(seeds)
     print(f"{len(names)} models x {P} prompts x {N} seeds = {len(names) * P * N} images; "
-          f"{args.steps} steps, guidance {args.guidance}, {device}, {str(dtype).removeprefix('torch.')}")
+          f"{args.steps} steps, guidance {args.guidance}, {device}, {precision}")
 
     # scorers before generation: one that cannot load should stop the run before hours of sampling
     scorers = load_scorers([s.strip() for s in args.scorers.split(",") if s.strip()], args, device)
     scheduler = load_scheduler(args.pretrained)
     check_resume(args.out, dict(pretrained=args.pretrained, scheduler=type(scheduler).__name__, steps=args.steps,
+                                precision=precision,
                                 guidance=args.guidance, resolution=args.resolution, batch_size=args.batch_size,
                                 prompts=prompts, models=models))
     image_path = lambda m, i, seed: os.path.join(args.out, "images", m, f"{i:05d}_s{seed}.png")
@@ -365,7 +369,8 @@ def main(argv=None):
             continue
         pipe = load_pipeline(args.pretrained, models[name] if name != "base" else None, scheduler, device, dtype)
         for batch in tqdm(todo, desc=f"generate {name}"):  # saved batch by batch: a killed run loses one batch
-            images = generate_batch(pipe, [(prompts[i], s) for i, s in batch], args.steps, args.guidance, args.resolution)
+            with autocast():
+                images = generate_batch(pipe, [(prompts[i], s) for i, s in batch], args.steps, args.guidance, args.resolution)
             for (i, seed), image in zip(batch, images):
                 if not os.path.exists(image_path(name, i, seed)):  # what is on disk stays as it is
                     save_png(image, image_path(name, i, seed))

@@ -1,7 +1,11 @@
-"""The model family: Stable Diffusion's parts loaded for training, LoRA, the frozen reference, the export
-users load, and the pipelines evaluation and validation sample with.
+"""The model family: Stable Diffusion's parts loaded for training, their conditioning, LoRA, the frozen
+reference, the memory plan, the export users load, and the pipelines evaluation and validation sample with.
 
-Everything that knows which pipeline class a model is lives here, so another family changes one file.
+Two families, read from the pipeline's model_index.json (no flag): SD1.x/2.x (`StableDiffusionPipeline`:
+one CLIP text encoder, its last hidden states) and SDXL (`StableDiffusionXLPipeline`: two text encoders,
+their penultimate hidden states concatenated, 77 x 2048; the second one's pooled projection; and per
+image the six "time ids", original size, crop top-left and target size). Everything that knows which
+family a model is lives here, so another family changes this file.
 """
 import copy
 import json
@@ -13,6 +17,7 @@ import torch
 
 from common import fail, one_line
 
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json's _class_name
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA scripts
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights(folder) looks for
 KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA for AUTOMATIC1111, Forge and ComfyUI (see kohya_lora_state_dict)
@@ -28,25 +33,91 @@ def check_model_path(name, what="model"):
              f"stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
-def load_models(pretrained, ctx):
-    """tokenizer, text encoder, VAE, UNet and the training noise scheduler from a diffusers folder or hub id.
-
-    The frozen parts are held in ctx.frozen_dtype (their outputs are cached once); the UNet in fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def family_of(pretrained):
+    """'sd' or 'sdxl', from the pipeline class in model_index.json; another class gets one clear line."""
+    from diffusers import DiffusionPipeline
     check_model_path(pretrained)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", dtype=ctx.frozen_dtype)
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", dtype=ctx.frozen_dtype)
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", dtype=torch.float32)
-        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+        cls = DiffusionPipeline.load_config(pretrained).get("_class_name")
+    except (OSError, ValueError, EnvironmentError) as e:
+        fail(f"cannot load a Stable Diffusion pipeline from {pretrained}: {one_line(e)}")
+    if cls not in FAMILIES:
+        fail(f"{pretrained} is a {cls}: supported are StableDiffusionPipeline (SD1.x, SD2.x) and "
+             f"StableDiffusionXLPipeline (SDXL)")
+    return FAMILIES[cls]
+
+
+def pipeline_class(family):
+    import diffusers
+    return diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+
+
+def load_models(pretrained, ctx, vae=None):
+    """Tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler from a diffusers folder or hub id.
+
+    The text encoders are held in ctx.dtype (their outputs are cached once); the VAE too unless its config
+    asks for fp32 (`force_upcast`: SDXL's VAE overflows in fp16), or `vae` names a replacement VAE (a folder
+    or hub id, e.g. the community fp16-fix VAE); the UNet in fp32 (trainable weights stay fp32)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    family = family_of(pretrained)
+    if vae:
+        check_model_path(vae, "VAE")
+    m = SimpleNamespace(family=family, tokenizer_2=None, text_encoder_2=None)
+    try:
+        m.tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+        m.text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", dtype=ctx.dtype)
+        if family == "sdxl":
+            m.tokenizer_2 = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2")
+            m.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2",
+                                                                           dtype=ctx.dtype)
+        m.vae = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
+        m.unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", dtype=torch.float32)
+        m.noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
     except (OSError, ValueError, EnvironmentError) as e:
         fail(f"cannot load a Stable Diffusion pipeline from {pretrained}: {str(e).splitlines()[0][:300]}")
-    for m in (text_encoder, vae):
-        m.requires_grad_(False).eval().to(ctx.device)
-    return SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet.to(ctx.device),
-                           noise_scheduler=noise_scheduler)
+    if not m.vae.config.get("force_upcast", True):  # diffusers' default is True: keep fp32 unless told it is safe
+        m.vae.to(ctx.dtype)
+    for part in (m.text_encoder, m.text_encoder_2, m.vae):
+        if part is not None:
+            part.requires_grad_(False).eval().to(ctx.device)
+    m.unet.to(ctx.device)
+    return m
+
+
+def encode_prompts(models, texts, device):
+    """What the UNet attends to, (n, 77, d), and SDXL's pooled embedding, (n, d2), or None for SD.
+
+    SD: the text encoder's last hidden states. SDXL, as its pipeline's encode_prompt: the penultimate hidden
+    states of both encoders concatenated, and the second encoder's projected pooled output."""
+    def ids(tok):
+        return tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                   return_tensors="pt").input_ids.to(device)
+    if models.family == "sd":
+        return models.text_encoder(ids(models.tokenizer)).last_hidden_state, None
+    first = models.text_encoder(ids(models.tokenizer), output_hidden_states=True)
+    second = models.text_encoder_2(ids(models.tokenizer_2), output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+def time_ids(original_hw, crop_top_left, target_hw):
+    """SDXL's micro-conditioning of one image: (original h, w, crop top, left, target h, w). (6,)"""
+    return torch.tensor([*original_hw, *crop_top_left, *target_hw], dtype=torch.float32)
+
+
+def denoise(unet, x_t, t, cond):
+    """The UNet's prediction for conditioning `cond` (cache.condition's keys): the prompt's hidden states, and
+    for SDXL the pooled embedding and time ids. `unet` may be the DDP wrapper."""
+    extra = {}
+    if "time_ids" in cond:
+        extra["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    return unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], **extra).sample
+
+
+def roll_prompts(cond):
+    """Each image with the previous image's prompt (KTO's mismatched reference point): the prompt's parts roll,
+    the image's own time ids stay."""
+    return {k: v if k == "time_ids" else v.roll(1, dims=0) for k, v in cond.items()}
 
 
 def add_lora(unet, rank):
@@ -58,33 +129,63 @@ def add_lora(unet, rank):
 def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True):
     """Make the UNet trainable (fully, or through LoRA adapters) and build its frozen reference.
 
-    Returns (trainable parameters, reference forward function or None).
-    - full fine-tune: the reference is a frozen copy, in bf16 on CUDA;
-    - LoRA: the reference is the same module with its adapters disabled, so it costs no memory.
+    Returns (trainable parameters, reference forward function reference(x_t, t, cond), or None).
+    The reference must reproduce the policy exactly at step 0, in every precision: beta 5000 turns any
+    difference into a fake preference. So it computes exactly what the policy computes:
+    - full fine-tune: a frozen copy held in fp32, like the policy's weights, and run under the same autocast
+      (a copy held in bf16 is not the policy: measured on the trained toy base under bf16 autocast, the
+      step-0 DPO loss was 0.936 instead of log 2; held in fp32 the errors were bitwise equal);
+    - LoRA: the same module with its adapters disabled, exact by construction and free in memory.
     """
     if lora_rank > 0:
         unet.requires_grad_(False)
         add_lora(unet, lora_rank)
 
-        def reference(x_t, t, emb):
+        def reference(x_t, t, cond):
             unet.disable_adapters()  # always the unwrapped module: a no-grad forward needs no DDP hooks
             try:
-                return unet(x_t, t, emb).sample
+                return denoise(unet, x_t, t, cond)
             finally:
                 unet.enable_adapters()
     elif need_reference:
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        if ctx.frozen_dtype != torch.float32:
-            ref_unet.to(ctx.frozen_dtype)
 
-        def reference(x_t, t, emb):
-            return ref_unet(x_t, t, emb).sample
+        def reference(x_t, t, cond):
+            return denoise(ref_unet, x_t, t, cond)
     else:  # SFT needs no reference
         reference = None
     if grad_checkpointing:
         unet.enable_gradient_checkpointing()  # recompute activations in backward: less memory, ~30% more time
     unet.train()
     return [p for p in unet.parameters() if p.requires_grad], reference and torch.no_grad()(reference)
+
+
+def memory_plan(models, params, lora, optimizer_name, need_reference, keep_frozen, ctx):
+    """The memory training holds per GPU, part by part (activations come on top: gradient checkpointing is what
+    shrinks them). Printed at the start, so a run that cannot fit says so before the first step."""
+    from common import optimizer_state_bytes
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) if m is not None else 0
+    n_train = sum(p.numel() for p in params)
+    n_unet = sum(p.numel() for p in models.unet.parameters()) - (n_train if lora else 0)
+    frozen = size(models.vae) + size(models.text_encoder) + size(models.text_encoder_2)
+    rows = [("UNet weights (fp32)" if not lora else "UNet weights, frozen (fp32)", 4 * n_unet)]
+    if lora:
+        rows.append(("LoRA weights (fp32)", 4 * n_train))
+    rows += [("gradients (fp32)", 4 * n_train),
+             (f"{optimizer_name} state", optimizer_state_bytes(optimizer_name, params)),
+             ("reference: " + ("none (SFT)" if not need_reference else "adapters off, shared (exact)" if lora
+                               else "frozen copy in fp32 (exact at step 0; a bf16 copy would take half, inexact)"),
+              4 * n_unet if need_reference and not lora else 0),
+             ("VAE and text encoders" + ("" if keep_frozen else " (freed after caching)"), frozen if keep_frozen else 0)]
+    gb = lambda n: f"{n / 2 ** 30:7.2f} GB"
+    lines = [f"  {name:<72} {gb(n)}" for name, n in rows]
+    total = sum(n for _, n in rows)
+    fits = ""
+    if ctx.cuda:
+        capacity = torch.cuda.get_device_properties(ctx.device).total_memory
+        fits = f" of {gb(capacity).strip()} on {torch.cuda.get_device_name(ctx.device)}"
+    return "\n".join([f"memory plan per process ({models.family}, {ctx.precision}):"] + lines +
+                     [f"  {'total before activations' + fits:<72} {gb(total)}"])
 
 
 def trainable_state(unet, lora):
@@ -125,9 +226,9 @@ def load_checkpoint_unet(unet, folder):
 # the result, in the layout users load
 
 def export(out_dir, pretrained, unet, lora):
-    """A LoRA file for `pipe.load_lora_weights(out_dir)`, or a full pipeline for
-    `StableDiffusionPipeline.from_pretrained(out_dir)` (the base's other parts, fp32)."""
-    from diffusers import StableDiffusionPipeline
+    """A LoRA file for `pipe.load_lora_weights(out_dir)`, or a full pipeline for `from_pretrained(out_dir)` of
+    the base's class (StableDiffusionPipeline or StableDiffusionXLPipeline; the base's other parts, fp32)."""
+    Pipeline = pipeline_class(family_of(pretrained))
     stage = os.path.join(out_dir, f".export.tmp{os.getpid()}")  # written whole here, then moved part by part
     shutil.rmtree(stage, ignore_errors=True)
     try:
@@ -136,12 +237,12 @@ def export(out_dir, pretrained, unet, lora):
             from peft.utils import get_peft_model_state_dict
             layers = convert_state_dict_to_diffusers({k: v.detach().float().cpu()
                                                       for k, v in get_peft_model_state_dict(unet).items()})
-            StableDiffusionPipeline.save_lora_weights(stage, unet_lora_layers=layers, safe_serialization=True,  # with
-                                                      unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())  # its alpha
+            Pipeline.save_lora_weights(stage, unet_lora_layers=layers, safe_serialization=True,  # with its alpha
+                                       unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
             from safetensors.torch import save_file
             save_file(kohya_lora_state_dict(unet), os.path.join(stage, KOHYA_FILE))
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(pretrained, unet=unet, dtype=torch.float32)
+            pipe = Pipeline.from_pretrained(pretrained, unet=unet, dtype=torch.float32)
             pipe.save_pretrained(stage, safe_serialization=True)
         for name in os.listdir(stage):  # a part is replaced only once it is complete
             dst = os.path.join(out_dir, name)
@@ -174,10 +275,13 @@ def kohya_lora_state_dict(unet, adapter="default"):
 
 def sampling_pipeline(models, scheduler):
     """A pipeline over parts already in memory (the trainer's, with the live UNet), to draw validation images."""
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                                   unet=models.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = dict(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
+                 scheduler=scheduler)
+    if models.family == "sdxl":
+        parts.update(text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(models.family)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -209,10 +313,13 @@ def load_pipeline(base, source, scheduler, device, dtype):
     """The base pipeline, or the base with a fine-tuned UNet / LoRA / checkpoint, or a whole fine-tuned pipeline.
 
     Every model gets the base's scheduler, so that only the weights differ between models."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    common = dict(dtype=dtype, scheduler=scheduler, safety_checker=None, requires_safety_checker=False)
+    from diffusers import UNet2DConditionModel
     kind = model_kind(source) if source else "base"
-    pipe = StableDiffusionPipeline.from_pretrained(source if kind == "pipeline" else base, **common)
+    family = family_of(source if kind == "pipeline" else base)
+    common = dict(dtype=dtype, scheduler=scheduler)
+    if family == "sd":
+        common.update(safety_checker=None, requires_safety_checker=False)
+    pipe = pipeline_class(family).from_pretrained(source if kind == "pipeline" else base, **common)
     if kind == "lora":
         pipe.load_lora_weights(source)
     elif kind == "unet":

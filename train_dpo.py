@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 import common
-from cache import LatentCache, build_cache
+from cache import open_cache, stack_conditions
 from data import load_pairs
 from evaluate import validate
 from losses import add_noise_and_target, dpo_loss, per_sample_error, sft_loss
-from model import export, load_models, load_trainable_state, prepare_policy, trainable_state
+from model import denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, trainable_state
 
 # -----------------------------------------------------------------------------
 # config: the flags both trainers share are in common.base_parser; these are DPO's own and its defaults
@@ -31,7 +31,8 @@ parser.add_argument("--loss", choices=["dpo", "sft"], default="dpo", help="dpo: 
 parser.set_defaults(max_steps=2000, global_batch=2048, lr=2.048e-5, warmup_steps=500, weight_decay=1e-2, prompt_dropout=0.2)
 # these must match for --resume to continue the same run (max_steps and the intervals may change)
 RESUME_KEYS = ["pretrained", "data", "loss", "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay",
-               "beta", "resolution", "random_flip", "prompt_dropout", "seed", "grad_clip"]
+               "beta", "resolution", "random_flip", "prompt_dropout", "seed", "grad_clip", "optimizer", "vae",
+               "latent_cache", "precision"]
 
 
 def main(argv=None):
@@ -40,7 +41,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # processes, device, precision
-    ctx = common.setup(args.seed)
+    ctx = common.setup(args.seed, args.precision)
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "pairs"))
 
@@ -49,27 +50,30 @@ def main(argv=None):
     fb = load_pairs(args.data)  # before the models: a wrong data path should not wait for SD1.5 to load
     if len(fb) == 0:
         common.fail(f"no usable pairs in {args.data}: " + fb.summary("pairs"))
-    models = load_models(args.pretrained, ctx)
+    models = load_models(args.pretrained, ctx, args.vae)
     os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
-    cache = LatentCache(build_cache(fb, args.cache_dir, models, args.resolution, args.random_flip, ctx, args.strict))
+    cache = open_cache(fb, args, models, ctx)  # --latent_cache: built once and reused, or on the fly
     valid = cache.valid.numpy()
     fb.keep(valid[fb.winner] & valid[fb.loser], "unreadable image")  # a pair needs both images readable
     ctx.say(f"data: {fb.summary('pairs')}; cache {cache.folder}")
     if len(fb) == 0:
         common.fail(f"no usable pairs left in {args.data} after skipping unreadable images")
-    if args.val_every < 0:  # the VAE and text encoder are needed again only to draw validation images
-        models.text_encoder = models.vae = None
+    keep_frozen = args.val_every >= 0 or args.latent_cache == "none"
+    if not keep_frozen:  # the VAE and text encoders are needed again only to draw validation images
+        models.text_encoder = models.text_encoder_2 = models.vae = None
     unet, noise_scheduler = models.unet, models.noise_scheduler
     latent_shape = cache.latent_shape()  # (4, h, w)
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     # -------------------------------------------------------------------------
     # policy, reference, optimizer, resume
-    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference=args.loss == "dpo")
+    need_reference = args.loss == "dpo"
+    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference)
     ddp_unet = common.wrap_ddp(unet, ctx)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
+    ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, need_reference, keep_frozen, ctx))
     if ctx.master:
         common.clear_partial_checkpoints(args.out_dir)
     start_step = 0
@@ -82,20 +86,27 @@ def main(argv=None):
         ctx.say(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
 
     def pair_batch(step, micro):
-        """This rank's micro-batch: winners, losers, prompts, one shared (eps, t) per pair. All on the CPU."""
-        lat_w, lat_l, emb, eps, t = [], [], [], [], []
+        """This rank's micro-batch: winners, losers, their conditioning (the prompt; for SDXL also each image's
+        time ids), one shared (eps, t) per pair."""
+        lat_w, lat_l, cond_w, cond_l, eps, t = [], [], [], [], [], []
         for pos in common.global_positions(step, args.global_batch, micro, ctx.rank, args.micro_batch, ctx.world):
             g = common.sample_generator(args.seed, pos)
             epoch, k = divmod(pos, len(fb))
             i = int(common.epoch_order(len(fb), args.seed, epoch)[k])
+            w, l = int(fb.winner[i]), int(fb.loser[i])
             flip_w, flip_l = (torch.rand(2, generator=g) < 0.5).tolist()  # flipped independently, as in the paper
-            lat_w.append(cache.latent(int(fb.winner[i]), flip_w and args.random_flip, torch.randn(latent_shape, generator=g)))
-            lat_l.append(cache.latent(int(fb.loser[i]), flip_l and args.random_flip, torch.randn(latent_shape, generator=g)))
+            flip_w, flip_l = flip_w and args.random_flip, flip_l and args.random_flip
+            lat_w.append(cache.latent(w, flip_w, torch.randn(latent_shape, generator=g)))
+            lat_l.append(cache.latent(l, flip_l, torch.randn(latent_shape, generator=g)))
             dropped = torch.rand((), generator=g).item() < args.prompt_dropout
-            emb.append(cache.text(cache.empty_caption if dropped else int(fb.caption_idx[i])))
+            c = cache.empty_caption if dropped else int(fb.caption_idx[i])
+            cond_w.append(cache.condition(c, w, flip_w))
+            cond_l.append(cache.condition(c, l, flip_l))
             eps.append(torch.randn(latent_shape, generator=g))  # the same eps and t for w and l of a pair
             t.append(torch.randint(0, num_timesteps, (), generator=g))
-        return [torch.stack(x).to(ctx.device) for x in (lat_w, lat_l, emb, eps, t)]
+        on_device = lambda cond: {k: v.to(ctx.device) for k, v in stack_conditions(cond).items()}
+        return [torch.stack(x).to(ctx.device) for x in (lat_w, lat_l)] + [on_device(cond_w), on_device(cond_l)] + \
+            [torch.stack(x).to(ctx.device) for x in (eps, t)]
 
     # -------------------------------------------------------------------------
     # the loop: accumulate micro-batches, clip, step; log, save and validate at their intervals
@@ -110,19 +121,20 @@ def main(argv=None):
         meter = common.Meter()
         for micro in range(accum):
             with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
-                lat_w, lat_l, emb, eps, t = pair_batch(step, micro)
+                lat_w, lat_l, cond_w, cond_l, eps, t = pair_batch(step, micro)
                 if args.loss == "sft":  # winners only, no reference
                     x_t, target = add_noise_and_target(noise_scheduler, lat_w, eps, t)
                     with ctx.autocast():
-                        pred = ddp_unet(x_t, t, emb).sample
+                        pred = denoise(ddp_unet, x_t, t, cond_w)
                     loss, metrics = sft_loss(per_sample_error(pred, target))
                 else:
                     x0 = torch.cat([lat_w, lat_l])  # (2B,4,h,w): [winners; losers], one forward for both
-                    noise, t2, emb2 = torch.cat([eps, eps]), torch.cat([t, t]), torch.cat([emb, emb])
+                    noise, t2 = torch.cat([eps, eps]), torch.cat([t, t])
+                    cond = {k: torch.cat([cond_w[k], cond_l[k]]) for k in cond_w}
                     x_t, target = add_noise_and_target(noise_scheduler, x0, noise, t2)
                     with ctx.autocast():
-                        ref_err = per_sample_error(reference(x_t, t2, emb2), target)  # (2B,) no grad
-                        policy_err = per_sample_error(ddp_unet(x_t, t2, emb2).sample, target)  # (2B,)
+                        ref_err = per_sample_error(reference(x_t, t2, cond), target)  # (2B,) no grad
+                        policy_err = per_sample_error(denoise(ddp_unet, x_t, t2, cond), target)  # (2B,)
                     loss, metrics = dpo_loss(policy_err, ref_err, args.beta)
                 (loss / accum).backward()
             meter.add({"loss": loss.detach(), **metrics})

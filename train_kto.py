@@ -19,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 import common
-from cache import LatentCache, build_cache
+from cache import open_cache, stack_conditions
 from data import load_singles
 from evaluate import validate
 from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
-from model import export, load_models, load_trainable_state, prepare_policy, trainable_state
+from model import (denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, roll_prompts,
+                   trainable_state)
 
 # -----------------------------------------------------------------------------
 # config: the flags both trainers share are in common.base_parser; these are KTO's own and its defaults
@@ -43,7 +44,7 @@ parser.set_defaults(max_steps=10000, global_batch=8, micro_batch=2, lr=1e-7, war
                     prompt_dropout=0.0)
 RESUME_KEYS = ["pretrained", "data", "utility", "ref_point", "desirable_share", "lambda_d", "lambda_u", "pickapic_policy",
                "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay", "beta", "resolution", "random_flip",
-               "prompt_dropout", "seed", "grad_clip"]
+               "prompt_dropout", "seed", "grad_clip", "optimizer", "vae", "latent_cache", "precision"]
 
 
 def draw_image(g, desirable, undesirable, gamma):
@@ -65,16 +66,16 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # processes, device, precision
-    ctx = common.setup(args.seed)
+    ctx = common.setup(args.seed, args.precision)
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "images"))
 
     # -------------------------------------------------------------------------
     # data, then models and the one-off cache of latents and text embeddings
     fb = load_singles(args.data, args.pickapic_policy)  # before the models: a wrong path should not wait for them
-    models = load_models(args.pretrained, ctx)
+    models = load_models(args.pretrained, ctx, args.vae)
     os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
-    cache = LatentCache(build_cache(fb, args.cache_dir, models, args.resolution, args.random_flip, ctx, args.strict))
+    cache = open_cache(fb, args, models, ctx)  # --latent_cache: built once and reused, or on the fly
     fb.keep(cache.valid.numpy()[fb.image], "unreadable image")
     ctx.say(f"data: {fb.summary('images')}; cache {cache.folder}")
     if len(fb) == 0:
@@ -83,8 +84,9 @@ def main(argv=None):
     for name, pool, needed in [("liked", desirable, args.desirable_share > 0), ("disliked", undesirable, args.desirable_share < 1)]:
         if needed and len(pool) == 0:
             common.fail(f"no {name} images in {args.data} ({fb.summary('images')}); KTO needs both kinds, or set --desirable_share")
-    if args.val_every < 0:  # the VAE and text encoder are needed again only to draw validation images
-        models.text_encoder = models.vae = None
+    keep_frozen = args.val_every >= 0 or args.latent_cache == "none"
+    if not keep_frozen:  # the VAE and text encoders are needed again only to draw validation images
+        models.text_encoder = models.text_encoder_2 = models.vae = None
     unet, noise_scheduler = models.unet, models.noise_scheduler
     latent_shape = cache.latent_shape()  # (4, h, w)
     num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -93,9 +95,10 @@ def main(argv=None):
     # policy, reference, optimizer, resume
     params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
     ddp_unet = common.wrap_ddp(unet, ctx)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
+    ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, True, keep_frozen, ctx))
     if ctx.master:
         common.clear_partial_checkpoints(args.out_dir)
     start_step = 0
@@ -108,19 +111,21 @@ def main(argv=None):
         ctx.say(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
 
     def image_batch(step, micro):
-        """This rank's micro-batch: latents, prompts, (eps, t) and labels of images drawn with share gamma."""
-        lat, emb, eps, t, label = [], [], [], [], []
+        """This rank's micro-batch: latents, conditioning, (eps, t) and labels of images drawn with share gamma."""
+        lat, cond, eps, t, label = [], [], [], [], []
         for pos in common.global_positions(step, args.global_batch, micro, ctx.rank, args.micro_batch, ctx.world):
             g = common.sample_generator(args.seed, pos)
             i, y = draw_image(g, desirable, undesirable, args.desirable_share)
             flip = torch.rand((), generator=g).item() < 0.5 and args.random_flip
             lat.append(cache.latent(int(fb.image[i]), flip, torch.randn(latent_shape, generator=g)))
             dropped = torch.rand((), generator=g).item() < args.prompt_dropout
-            emb.append(cache.text(cache.empty_caption if dropped else int(fb.caption_idx[i])))
+            cond.append(cache.condition(cache.empty_caption if dropped else int(fb.caption_idx[i]), int(fb.image[i]), flip))
             eps.append(torch.randn(latent_shape, generator=g))
             t.append(torch.randint(0, num_timesteps, (), generator=g))
             label.append(y)
-        return [torch.stack(x).to(ctx.device) for x in (lat, emb, eps, t)] + [torch.tensor(label, device=ctx.device)]
+        cond = {k: v.to(ctx.device) for k, v in stack_conditions(cond).items()}
+        return [torch.stack(lat).to(ctx.device), cond] + [torch.stack(x).to(ctx.device) for x in (eps, t)] + \
+            [torch.tensor(label, device=ctx.device)]
 
     # -------------------------------------------------------------------------
     # the loop: accumulate micro-batches, clip, step; log, save and validate at their intervals
@@ -135,18 +140,18 @@ def main(argv=None):
         meter = common.Meter()
         for micro in range(accum):
             with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
-                x0, emb, eps, t, label = image_batch(step, micro)
+                x0, cond, eps, t, label = image_batch(step, micro)
                 x_t, target = add_noise_and_target(noise_scheduler, x0, eps, t)
                 with ctx.autocast():
-                    ref_err = per_sample_error(reference(x_t, t, emb), target)  # (B,) no grad
-                    policy_err = per_sample_error(ddp_unet(x_t, t, emb).sample, target)  # (B,)
+                    ref_err = per_sample_error(reference(x_t, t, cond), target)  # (B,) no grad
+                    policy_err = per_sample_error(denoise(ddp_unet, x_t, t, cond), target)  # (B,)
                     if args.ref_point == "batch":  # the rewards of the batch itself
                         reward = ref_err - policy_err.detach()
                     else:  # each image with the previous image's prompt, same x_t; the bare UNet needs no DDP hooks
-                        emb_mismatched = emb.roll(1, dims=0)
+                        mismatched = roll_prompts(cond)
                         with torch.no_grad():
-                            reward = per_sample_error(reference(x_t, t, emb_mismatched), target) - \
-                                per_sample_error(unet(x_t, t, emb_mismatched).sample, target)
+                            reward = per_sample_error(reference(x_t, t, mismatched), target) - \
+                                per_sample_error(denoise(unet, x_t, t, mismatched), target)
                 # z_ref over every rank's current micro-batch: the global batch when there is no accumulation
                 # (the paper's 4 GPUs x 2 images); with accumulation, over the images processed together
                 z_ref = kto_reference_point(reward, reduce_sum=common.all_reduce_sum)

@@ -18,6 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from common import fail
 from toy.palette import redness
 from toy.red_user import boost_red, write_pickapic_parquet
 
@@ -37,7 +38,7 @@ def main(argv=None):
 
     files = sorted(glob.glob(os.path.join(args.feedback, "kto", "disliked", "*.png")))
     if not files:
-        raise SystemExit(f"no base samples in {args.feedback}/kto/disliked: run python -m toy.red_user first")
+        fail(f"no base samples in {args.feedback}/kto/disliked: run python -m toy.red_user first")
     captions, winners, losers, margins, right = [], [], [], [], []
     for path in files:
         image = Image.open(path).convert("RGB")
@@ -59,7 +60,7 @@ def main(argv=None):
         import pyarrow.parquet as pq
         table = pq.read_table(args.out)
         if args.random_k > table.num_rows:
-            raise SystemExit(f"--random_k {args.random_k} > {table.num_rows} pairs")
+            fail(f"--random_k {args.random_k} > {table.num_rows} pairs")
         keep = np.sort(rng.choice(table.num_rows, args.random_k, replace=False))
         path = args.random_out or args.out.replace(".parquet", f"_random_{args.random_k}.parquet")
         pq.write_table(table.take(keep), path)

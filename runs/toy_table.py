@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+from common import fail
 from evaluate import median_index, win_rate  # the protocol's own functions
 
 
@@ -96,7 +97,7 @@ def main(argv):
     if len(argv) > 1:
         noise_prompts, noise = load(argv[1])
         if noise_prompts != prompts:
-            raise SystemExit(f"{argv[1]} was evaluated on other prompts than {argv[0]}")
+            fail(f"{argv[1]} was evaluated on other prompts than {argv[0]}")
         rows.insert(1, row("base, other seeds", noise["base"], base))
     P, N = base["redness"].shape
     grouped = group(rows)

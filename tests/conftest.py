@@ -73,3 +73,12 @@ def write_pickapic(path, n=8, ties=0, corrupt=0, seed=0):
 @pytest.fixture
 def pickapic(tmp_path):
     return write_pickapic(str(tmp_path / "pairs.parquet"), n=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A random-weight tiny StableDiffusionXLPipeline (two text encoders, text_time UNet) saved to a folder."""
+    from toy.models import build_sdxl_pipeline
+    path = str(tmp_path_factory.mktemp("tiny_sdxl"))
+    build_sdxl_pipeline(path, seed=0)
+    return path

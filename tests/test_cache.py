@@ -24,11 +24,12 @@ def test_draws_have_the_vae_posterior_and_the_flip_picks_the_mirror_image(tiny_p
     ctx = common.setup(0)
     models = load_models(tiny_pipe_dir, ctx)
     cache = LatentCache(build_cache(fb, str(tmp_path / "cache"), models, 32, True, ctx))
+    assert set(cache.condition(0, 0, False)) == {"encoder_hidden_states"}  # SD: the prompt alone
     assert cache.valid.all() and cache.latent_shape() == (4, 16, 16)  # the tiny VAE halves 32 px once
     shape = cache.latent_shape()
     scale = models.vae.config.scaling_factor
     for i, path in enumerate(fb.paths):
-        x = to_tensor(Image.open(path).convert("RGB"), 32)[None]
+        x = to_tensor(Image.open(path).convert("RGB"), 32)[0][None]
         for flipped, image in ((False, x), (True, x.flip(-1))):
             with torch.no_grad():
                 post = models.vae.encode(image).latent_dist
@@ -43,7 +44,7 @@ def test_draws_have_the_vae_posterior_and_the_flip_picks_the_mirror_image(tiny_p
             torch.testing.assert_close(draws.std(0), std, atol=2e-3, rtol=0.06)
         # the mirror image's posterior differs from the image's own: the flip is not a no-op
         assert not torch.allclose(cache.latent(i, True, torch.zeros(shape)), cache.latent(i, False, torch.zeros(shape)))
-    emb = cache.text(int(fb.caption_idx[0]))
+    emb = cache.condition(int(fb.caption_idx[0]), 0, False)["encoder_hidden_states"]
     ids = models.tokenizer([fb.captions[fb.caption_idx[0]]], padding="max_length", max_length=77, truncation=True,
                            return_tensors="pt").input_ids
     with torch.no_grad():

@@ -43,11 +43,11 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 import losses
+from common import fail
 
 BASE_MEAN, BASE_STD = (0.5, 0.8), 0.2  # pretraining data N((0.5, 0.8), 0.04 I)
 GOOD_MEAN, BAD_MEAN, MODE_STD = (0.3, 0.8), (0.3, 0.6), 0.1  # desirable / undesirable N(., 0.01 I)
@@ -275,7 +275,7 @@ def main(argv=None):
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        fail(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     diffusion = Diffusion(args.T)

@@ -56,6 +56,36 @@ def write_tokenizer(path, words=VOCAB):
     return tok
 
 
+def build_sdxl_pipeline(out_dir, seed=0, words=VOCAB, res=32):
+    """A random-weight tiny StableDiffusionXLPipeline, saved to `out_dir`: SDXL's layout and conditioning in
+    miniature (two CLIP text encoders, the second with a projection; a UNet with addition_embed_type
+    "text_time" taking the pooled embedding and six time ids), as diffusers' own SDXL tests build it."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=res // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8, cross_attention_dim=32,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
+    tok = write_tokenizer(os.path.join(out_dir, "tokenizer"), words)
+    tok_2 = write_tokenizer(os.path.join(out_dir, "tokenizer_2"), words)
+    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, projection_dim=16)
+    text_encoder, text_encoder_2 = CLIPTextModel(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, layers_per_block=1, sample_size=res, scaling_factor=0.13025, force_upcast=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok,
+                                     tokenizer_2=tok_2, unet=unet,
+                                     scheduler=scheduler)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return pipe
+
+
 def build_pipeline(out_dir, size="tiny", seed=0, words=VOCAB):
     """Build a random-weight StableDiffusionPipeline of the named size and save it to `out_dir`."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
