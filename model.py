@@ -255,8 +255,8 @@ def export(out_dir, pretrained, unet, lora):
 
 def kohya_lora_state_dict(unet, adapter="default"):
     """The UNet's LoRA in the kohya layout the front ends load: per adapted layer `lora_unet_<module path with
-    . -> _>` (ComfyUI's comfy/lora.py model_lora_keys_unet maps exactly these names for SD1.5, A1111's Lora
-    extension converts them to its own) with `.lora_down.weight` (A, r x in), `.lora_up.weight` (B, out x r) and
+    . -> _>` (ComfyUI's comfy/lora.py model_lora_keys_unet maps exactly these names for SD1.5 and SDXL, A1111's
+    Lora extension converts them to its own) with `.lora_down.weight` (A, r x in), `.lora_up.weight` (B, out x r) and
     `.alpha`; the front ends scale by alpha / r, peft by its `scaling`, so alpha = scaling * r keeps the strength.
     (diffusers' convert_state_dict_to_kohya writes alpha = r, right only when lora_alpha equals r.)"""
     from peft.tuners.lora import LoraLayer

@@ -1,6 +1,6 @@
-"""The LoRA file the front ends load (AUTOMATIC1111, Forge, ComfyUI): the trainer's export writes it beside the
-diffusers file, diffusers' own kohya loader reads it back to the same images, its alpha keeps the strength, and
-every key names a real linear layer of the UNet with matching shapes.
+"""The LoRA file the front ends load (AUTOMATIC1111, Forge, ComfyUI), for SD1.5 and SDXL: the trainer's export
+writes it beside the diffusers file, diffusers' own kohya loader reads it back to the same images, its alpha keeps
+the strength, and every key names a real linear layer of the UNet with matching shapes.
 
     python -m pytest -q tests/test_kohya.py
 """
@@ -27,10 +27,9 @@ def lora_unet(pipe_dir, rank, alpha, seed=0):
 
 
 def images(pipe_dir, unet=None, lora=None, weight_name=None):
-    """Two images of a fixed prompt and seed, as float arrays in [0, 1]."""
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False,
-                                                   **({"unet": unet} if unet is not None else {}))
+    """Two images of a fixed prompt and seed, as float arrays in [0, 1], from the folder's own pipeline class."""
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir, **({"unet": unet} if unet is not None else {}))
     if lora:
         pipe.load_lora_weights(lora, weight_name=weight_name)
     pipe.set_progress_bar_config(disable=True)
@@ -38,8 +37,10 @@ def images(pipe_dir, unet=None, lora=None, weight_name=None):
                 generator=torch.Generator().manual_seed(0)).images
 
 
-@pytest.mark.parametrize("alpha", [4, 8], ids=["alpha=rank (the trainers)", "alpha=2*rank"])
-def test_kohya_file_gives_the_images_of_the_trained_lora(tmp_path, tiny_pipe_dir, alpha):
+@pytest.mark.parametrize("family, alpha", [("sd15", 4), ("sd15", 8), ("sdxl", 8)],
+                         ids=["alpha=rank (the trainers)", "alpha=2*rank", "sdxl"])
+def test_kohya_file_gives_the_images_of_the_trained_lora(tmp_path, request, family, alpha):
+    tiny_pipe_dir = request.getfixturevalue("tiny_sdxl_dir" if family == "sdxl" else "tiny_pipe_dir")
     unet = lora_unet(tiny_pipe_dir, rank=4, alpha=alpha)
     model.export(str(tmp_path), tiny_pipe_dir, unet, lora=True)
     kohya = load_file(str(tmp_path / model.KOHYA_FILE))
@@ -48,7 +49,7 @@ def test_kohya_file_gives_the_images_of_the_trained_lora(tmp_path, tiny_pipe_dir
     from_kohya = images(tiny_pipe_dir, lora=str(tmp_path), weight_name=model.KOHYA_FILE)
     base = images(tiny_pipe_dir)
     diff = float(np.abs(from_kohya - trained).max())
-    print(f"alpha {alpha}: kohya file vs trained LoRA, max abs pixel difference {diff:.2e}; "
+    print(f"{family} alpha {alpha}: kohya file vs trained LoRA, max abs pixel difference {diff:.2e}; "
           f"LoRA vs base {float(np.abs(trained - base).max()):.3f}")
     assert diff < 1e-4  # fp32 rounding
     assert np.abs(trained - base).max() > 0.05  # the LoRA changes the images: an ignored file would fail above
@@ -57,8 +58,10 @@ def test_kohya_file_gives_the_images_of_the_trained_lora(tmp_path, tiny_pipe_dir
     assert np.abs(images(tiny_pipe_dir, lora=str(tmp_path)) - from_kohya).max() < 1e-4
 
 
-def test_every_kohya_key_names_a_linear_layer_of_the_unet(tiny_pipe_dir):
+@pytest.mark.parametrize("fixture", ["tiny_pipe_dir", "tiny_sdxl_dir"])
+def test_every_kohya_key_names_a_linear_layer_of_the_unet(request, fixture):
     from diffusers import UNet2DConditionModel
+    tiny_pipe_dir = request.getfixturevalue(fixture)
     rank = 4
     kohya = model.kohya_lora_state_dict(lora_unet(tiny_pipe_dir, rank=rank, alpha=rank))
     # ComfyUI's model_lora_keys_unet names a layer "lora_unet_" + its diffusers key without ".weight", dots to

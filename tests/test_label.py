@@ -287,3 +287,11 @@ def test_generate_label_train_generate_with_the_lora(tmp_path, tiny_pipe_dir):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_generate_with_an_sdxl_base_writes_prompts_data_reads_back(tmp_path, tiny_sdxl_dir):
+    (tmp_path / "prompts.txt").write_text("a red square, studio light\n")
+    label.generate_images(str(tmp_path / "gens"), tiny_sdxl_dir, str(tmp_path / "prompts.txt"), n=2, steps=2, tag="xl")
+    labels = label.Labels(str(tmp_path / "gens"), pairs=True)
+    assert sorted(labels.items[0]) == ["xl_00000_s0.png", "xl_00000_s1.png"] and len(labels.items) == 1
+    assert labels.captions["xl_00000_s0.png"] == "a red square, studio light"
