@@ -1,4 +1,4 @@
-"""Feedback data in the formats users have, read into one shape in memory, and image decoding.
+"""Feedback in one shape in memory, a user's own data formats, and image decoding.
 
 Two kinds of feedback, one shape in memory:
 - pairs (Diffusion-DPO): caption index, winner image index, loser image index
@@ -6,19 +6,21 @@ Two kinds of feedback, one shape in memory:
 Images are referenced, not loaded: a file path, or (parquet file, row, column) for Pick-a-Pic, so a
 335 GB dataset is indexed in memory from its small columns and its JPEGs are read once, by the cache
 (cache.py), which is where latents and text embeddings are made.
+
+This file holds Feedback, the local formats (JSONL pairs, liked/ and disliked/ folders, metadata files,
+captions beside images, the Diffusion-KTO authors' CSV) and decoding. The public datasets (Pick-a-Pic v2,
+HPDv2), the hub download and load_pairs/load_singles, which detect the layout of --data and call the
+right reader, live in public_data.py: it imports this file, never the other way round.
 """
-import fnmatch
-import glob
 import io
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from common import fail, one_line
+from common import fail
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -83,131 +85,7 @@ class Feedback:
 
 
 # ------------------------------------------------------------------------------------------------
-# pairs: Pick-a-Pic v2 parquet, or a JSONL of {"caption", "chosen", "rejected"} image paths
-
-PICKAPIC_REQUIRED = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
-PICKAPIC_META = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid"]  # what the loaders read up front
-
-
-def hub_split_patterns(split):
-    """File patterns of one split in a hub dataset repo: the parquet export's data/train-00000-of-00645-*.parquet
-    (Pick-a-Pic v2's layout: test-* does not match test_unique-*), or a folder per split."""
-    return [f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet"]
-
-
-def parquet_files(path):
-    """A parquet file, a folder of them, a glob, or a hub dataset id with an optional split, `ID:SPLIT`
-    (default train; downloaded when reachable, that split's files only)."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-    elif any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-    elif os.path.exists(path):
-        files = [path]
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", path) and not path.startswith(".") and not path.endswith(".parquet"):
-        repo, _, split = path.partition(":")
-        patterns = hub_split_patterns(split or "train")
-        try:  # a hub dataset id, e.g. a Pick-a-Pic v2 mirror; needs network and access rights
-            from huggingface_hub import snapshot_download
-            local = snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
-        except Exception as e:
-            fail(f"{path} is not a local file and could not be downloaded from the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        # the local snapshot may also hold other splits downloaded before: keep this split's files
-        found = sorted(glob.glob(os.path.join(local, "**", "*.parquet"), recursive=True))
-        files = [f for f in found if any(fnmatch.fnmatch(os.path.relpath(f, local), p) for p in patterns)]
-        if not files:
-            fail(f"no .parquet files of split {split or 'train'!r} in hub dataset {repo} (looked for {', '.join(patterns)})")
-    else:
-        fail(f"data not found: {path}")
-    if not files:
-        fail(f"no .parquet files in {path}")
-    return files
-
-
-def read_pickapic(files, columns, same_schema=False):
-    """The columns `columns` of Pick-a-Pic parquet files as one arrow table (rows in file order, a column a
-    file lacks as nulls), and each file's row-group sizes (to read images later without scanning).
-    Every file must have the columns a pair needs; same_schema: also the same schema as the first file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    tables, groups, first = [], [], None
-    for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:
-            fail(f"cannot read parquet file {f}: {one_line(e)}")
-        names = pf.schema_arrow.names
-        missing = [c for c in PICKAPIC_REQUIRED if c not in names]
-        if missing:
-            fail(f"{f} lacks the Pick-a-Pic column(s) {missing}; it has {names}")
-        first = first or pf.schema_arrow
-        if same_schema and not pf.schema_arrow.equals(first):
-            fail(f"{f} has another schema than {files[0]}; use them separately")
-        t = pf.read(columns=[c for c in columns if c in names])
-        for c in columns:
-            if c not in names:
-                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-        tables.append(t.select(columns))
-        groups.append([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-    return pa.concat_tables(tables), groups
-
-
-def pickapic_batches(files, groups, wanted, columns=None, batch_rows=1024):
-    """(first row, record batch) of each batch of at most batch_rows rows that holds a wanted row.
-
-    Batches never cross a row group and their row numbers come from the metadata, so a row group
-    without a wanted row is not even read. wanted: (N,) bool over all files' rows in order."""
-    import pyarrow.parquet as pq
-    start = 0
-    for f, sizes in zip(files, groups):
-        pf = None
-        for g, rows in enumerate(sizes):
-            at = start
-            if wanted[start:start + rows].any():
-                pf = pf or pq.ParquetFile(f)
-                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
-                    if wanted[at:at + batch.num_rows].any():
-                        yield at, batch
-                    at += batch.num_rows
-            start += rows
-
-
-def read_pickapic_index(path):
-    """The small columns of Pick-a-Pic parquet files: one entry per pair, images per (file, row, column)."""
-    files = parquet_files(path)
-    table, groups = read_pickapic(files, PICKAPIC_META)
-    sizes = [sum(g) for g in groups]
-    file_of = np.repeat(np.arange(len(files)), sizes).tolist()
-    row_of = np.concatenate([np.arange(n) for n in sizes]).tolist() if sizes else []
-    t = table.to_pydict()
-    rows = list(zip(file_of, row_of, t["caption"], t["label_0"], t["label_1"], t["image_0_uid"], t["image_1_uid"]))
-    return files, groups, rows
-
-
-def load_pairs(path):
-    """Pairs for Diffusion-DPO. Ties (0.5/0.5) are dropped and counted, as the official code does."""
-    if path.endswith(".jsonl") and os.path.exists(path):
-        return load_pairs_jsonl(path)
-    files, groups, rows = read_pickapic_index(path)
-    fb = Feedback(captions=[], parquet_files=files, row_groups=groups, source=path)
-    cap_id, file_, row_, col_, cap, win, lose = {}, [], [], [], [], [], []
-    for fi, r, caption, l0, l1, _, _ in rows:
-        if not caption or not str(caption).strip():
-            fb.skip("no caption"); continue
-        if (l0, l1) == (0.5, 0.5):
-            fb.skip("tie"); continue
-        if (l0, l1) not in ((1.0, 0.0), (0.0, 1.0)):
-            fb.skip("label neither 1/0 nor 0/1"); continue
-        base = len(row_)  # only kept pairs' images are indexed, so the cache encodes no tie
-        file_ += [fi, fi]; row_ += [r, r]; col_ += [0, 1]  # image base is the row's jpg_0, base + 1 its jpg_1
-        cap.append(cap_id.setdefault(caption, len(cap_id)))
-        win.append(base if l0 == 1.0 else base + 1)  # winner first, whichever side it was shown on
-        lose.append(base + 1 if l0 == 1.0 else base)
-    fb.captions = list(cap_id)
-    fb.file, fb.row, fb.col = np.array(file_, np.int32), np.array(row_, np.int64), np.array(col_, np.int8)
-    fb.caption_idx, fb.winner, fb.loser = np.array(cap, np.int64), np.array(win, np.int64), np.array(lose, np.int64)
-    return fb
-
+# pairs: a JSONL of {"caption", "chosen", "rejected"} image paths (the public datasets: public_data.py)
 
 def load_pairs_jsonl(path):
     """One JSON object a line: {"caption": str, "chosen": image path, "rejected": image path}; paths
@@ -241,6 +119,26 @@ def load_pairs_jsonl(path):
 
 # ------------------------------------------------------------------------------------------------
 # reading and preprocessing images
+
+def pickapic_batches(files, groups, wanted, columns=None, batch_rows=1024):
+    """(first row, record batch) of each batch of at most batch_rows rows that holds a wanted row.
+
+    Batches never cross a row group and their row numbers come from the metadata, so a row group
+    without a wanted row is not even read. wanted: (N,) bool over all files' rows in order."""
+    import pyarrow.parquet as pq
+    start = 0
+    for f, sizes in zip(files, groups):
+        pf = None
+        for g, rows in enumerate(sizes):
+            at = start
+            if wanted[start:start + rows].any():
+                pf = pf or pq.ParquetFile(f)
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
+                    if wanted[at:at + batch.num_rows].any():
+                        yield at, batch
+                    at += batch.num_rows
+            start += rows
+
 
 def read_images(fb, indices):
     """Decode the images `indices` (sorted) of fb: a list of PIL images, or None where unreadable."""
@@ -283,49 +181,6 @@ LABELS = {"1": 1, "+1": 1, "true": 1, "yes": 1, "liked": 1, "like": 1, "desirabl
           "0": -1, "-1": -1, "false": -1, "no": -1, "disliked": -1, "dislike": -1, "undesirable": -1}
 CLASS_FOLDERS = {"liked": 1, "disliked": -1}
 CAPTION_KEYS = ("text", "caption", "prompt")  # the image-folder convention first, then common synonyms
-
-
-def load_singles(path, pickapic_policy="at_least_once", image_root=None):
-    """Labelled single images for Diffusion-KTO: fb.image, fb.label (+1 liked, -1 disliked), fb.caption_idx.
-
-    The layout is read from `path`:
-    - a folder with metadata.jsonl or metadata.csv (or any such .jsonl/.csv file): file_name relative to
-      the file's folder, label, and the caption in text, caption or prompt;
-    - a folder with liked/ and disliked/ subfolders, images at any depth below them;
-    - a .csv with file_name, caption, split (the Diffusion-KTO authors' labels), or a folder holding one;
-      file_name is relative to image_root, by default the CSV's folder;
-    - otherwise Pick-a-Pic v2 parquet (file, folder, glob or hub id), labelled by pickapic_policy.
-    An image without a caption in metadata takes the one beside it (see caption_beside). Missing files,
-    images without a caption and unknown labels are skipped and counted in fb.skipped.
-    """
-    if pickapic_policy not in ("at_least_once", "always"):
-        fail(f"unknown Pick-a-Pic policy {pickapic_policy!r}: use at_least_once (the paper's) or always")
-    if os.path.isdir(path):
-        names = {n.lower(): n for n in os.listdir(path)}
-        meta = names.get("metadata.jsonl") or names.get("metadata.csv")
-        classes = {names[n]: y for n, y in CLASS_FOLDERS.items() if n in names and os.path.isdir(os.path.join(path, names[n]))}
-        kto_csvs = sorted(os.path.join(path, n) for n in names.values() if n.lower().endswith(".csv") and is_kto_csv(os.path.join(path, n)))
-        if meta:
-            fb = singles_from_metadata(os.path.join(path, meta))
-        elif classes:
-            fb = singles_from_class_folders(path, classes)
-        elif len(kto_csvs) > 1:
-            fail(f"{path} holds several Diffusion-KTO CSV files ({', '.join(map(os.path.basename, kto_csvs))}): name one")
-        elif kto_csvs:
-            fb = singles_from_kto_csv(kto_csvs[0], pickapic_policy, image_root)
-        elif glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True):
-            fb = singles_from_pickapic(path, pickapic_policy)
-        else:
-            fail(f"{path} has no liked/ or disliked/ subfolder, no metadata.jsonl or metadata.csv, "
-                 f"no Diffusion-KTO CSV and no .parquet files: nothing to read labels from")
-    elif path.lower().endswith((".csv", ".jsonl")) and os.path.isfile(path):
-        kto = path.lower().endswith(".csv") and is_kto_csv(path)
-        fb = singles_from_kto_csv(path, pickapic_policy, image_root) if kto else singles_from_metadata(path)
-    else:
-        fb = singles_from_pickapic(path, pickapic_policy)
-    if len(fb) == 0:
-        fail(f"no usable image in {path}: {fb.summary('images')}")
-    return fb
 
 
 def read_csv(path, header_only=False):
@@ -499,42 +354,3 @@ def singles_from_kto_csv(csv_path, policy, image_root=None):
         entries.append((os.path.join(root, rec["file_name"]), rec.get("caption"), split_label[split]))
     skip_unknown(fb, unknown, "split", "exclusive_win, exclusive_lose, intersections")
     return singles_from_entries(fb, entries)
-
-
-def singles_from_pickapic(path, policy):
-    """Pick-a-Pic pairs -> one labelled entry per unique image (by image_0_uid / image_1_uid).
-
-    at_least_once (the paper's): an image preferred in at least one of its pairs is desirable, every other
-    image undesirable. A tie prefers neither image, so an image seen only in ties is undesirable (never
-    preferred); fb.notes counts those. always: desirable only if preferred in every pair it is in and never
-    tied, undesirable if never preferred, skipped and counted if preferred in some pairs only (like the
-    authors' intersections). An image keeps the caption and the parquet copy of its first pair.
-    """
-    files, groups, rows = read_pickapic_index(path)
-    fb = Feedback(captions=[], parquet_files=files, row_groups=groups, source=f"{path} (pairs -> images, policy {policy})")
-    outcome = {(1.0, 0.0): (0, 1), (0.0, 1.0): (1, 0), (0.5, 0.5): (2, 2)}  # which count each image of the pair adds to
-    counts = np.zeros((2 * len(rows), 3), np.int64)  # per unique image: pairs won, lost, tied
-    key_of, ref, caption = {}, [], []
-    for fi, r, cap, l0, l1, u0, u1 in rows:
-        if not cap or not str(cap).strip():
-            fb.skip("pair with no caption"); continue
-        if (l0, l1) not in outcome:
-            fb.skip("pair with labels neither 1/0, 0/1 nor 0.5/0.5"); continue
-        for col, uid, o in ((0, u0, outcome[l0, l1][0]), (1, u1, outcome[l0, l1][1])):
-            k = key_of.setdefault(uid if uid is not None else (fi, r, col), len(key_of))  # no uid column: no de-duplication
-            if k == len(ref):
-                ref.append((fi, r, col)); caption.append(str(cap).strip())
-            counts[k, o] += 1
-    won, lost, tied = counts[:len(ref)].T
-    always = (won > 0) & (lost == 0) & (tied == 0)
-    label = np.where(always if policy == "always" else won > 0, 1, -1)
-    keep = (won == 0) | always if policy == "always" else np.ones(len(ref), bool)
-    fb.skip("image preferred in some of its pairs only (policy always)", int((~keep).sum()))
-    fb.notes["images only ever tied, labelled undesirable"] = int(((won == 0) & (lost == 0)).sum())
-    idx = np.flatnonzero(keep)
-    cap_id = {}
-    fb.caption_idx = np.array([cap_id.setdefault(caption[i], len(cap_id)) for i in idx], np.int64)
-    fb.captions = list(cap_id)
-    fb.file, fb.row, fb.col = (np.array([ref[i][j] for i in idx], dt) for j, dt in enumerate((np.int32, np.int64, np.int8)))
-    fb.image, fb.label = np.arange(len(idx), dtype=np.int64), label[idx].astype(np.int64)
-    return fb

@@ -1,6 +1,7 @@
 """FiFA (Yang et al., ICLR 2025): keep the K most informative preference pairs before Diffusion-DPO.
 
     python filter_fifa.py --data PICKAPIC_PARQUET --out SUBSET.parquet --k 5000 [--alpha A --gamma G ...]
+    python filter_fifa.py --data HPDv2/ --out SUBSET.parquet (or SUBSET.jsonl) --k 5000
 
 FiFA maximises over subsets S of K pairs: the sum of preference margins + alpha * the sum of prompt
 qualities + gamma * the entropy of S's prompt embeddings. Estimated once over the whole set
@@ -16,6 +17,10 @@ qualities + gamma * the entropy of S's prompt embeddings. Estimated once over th
 Stages: read the small columns; score both images of every pair (cached in chunks, resumable); rate
 and embed each unique prompt once (cached); select (seconds at Pick-a-Pic scale, see bench_fifa.py);
 write the kept rows, input schema plus fifa_* columns, which train_dpo.py reads as it reads Pick-a-Pic.
+Pick-a-Pic parquet is streamed (its 335 GB are read chunk by chunk, twice); any other source that
+public_data.load_pairs reads (HPDv2, a JSONL of pairs) is indexed by it, its images are scored through
+data.read_images, and the kept pairs are written as Pick-a-Pic-schema parquet (JPEG bytes embedded, the
+winner as jpg_0) or, for --out *.jsonl, as a JSONL of pairs (public_data.write_pairs).
 Caches are keyed by the data files and the model: a rerun with other --alpha/--gamma/--k scores
 nothing again, and a stale cache is never read.
 
@@ -55,7 +60,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from common import atomic_path, fail, one_line, save_safetensors
-from data import decode, parquet_files, pickapic_batches, read_pickapic
+from data import decode, pickapic_batches, read_images
+from public_data import hpdv2_file, load_pairs, pairs_format, pairs_identity, parquet_files, read_pickapic, write_pairs
 from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, is_function, load_clip, load_function
 
 CHUNK_ROWS = 1024  # pairs (or prompts) per cache file: the most scoring work an interruption can lose
@@ -102,10 +108,10 @@ def save_chunk(folder, key, start, values):
 
 
 # ------------------------------------------------------------------------------------------------
-# data: Pick-a-Pic v2 parquet (schema: README, "Data formats"), files found by data.parquet_files
+# data: Pick-a-Pic v2 parquet (schema: README, "Data formats"), files found by public_data.parquet_files
 
 def read_index(files):
-    """The small columns of every pair in file order (data.read_pickapic), and the row-group sizes of each file."""
+    """The small columns of every pair in file order (public_data.read_pickapic), and the row-group sizes of each file."""
     table, groups = read_pickapic(files, ["caption", "label_0", "label_1"], same_schema=True)
     if table.num_rows == 0:
         fail(f"no rows in {len(files)} parquet file(s) {files[:3]}")
@@ -123,12 +129,39 @@ def chunks(files, groups, wanted, columns=None):
     return pickapic_batches(files, groups, wanted, columns, batch_rows=CHUNK_ROWS)
 
 
+def parquet_pairs(files, groups):
+    """Pick-a-Pic parquet for score_pairs: wanted -> (first row, rows, images) per chunk, images(rows) decoding
+    the (jpg_0, jpg_1) of those rows of the chunk (JPEG bytes or an image struct)."""
+    def pair_chunks(wanted):
+        for start, batch in chunks(files, groups, wanted, columns=["jpg_0", "jpg_1"]):
+            jpg0, jpg1 = batch.column("jpg_0").to_pylist(), batch.column("jpg_1").to_pylist()
+            yield start, batch.num_rows, lambda rows, a=jpg0, b=jpg1: [(decode(a[r]), decode(b[r])) for r in rows]
+    return pair_chunks
+
+
+def feedback_pairs(fb):
+    """Pairs that public_data.load_pairs read, for score_pairs: chunks of CHUNK_ROWS pairs, (winner, loser) images
+    read through data.read_images; image 0 of a pair is its winner."""
+    def images(idx):
+        want = sorted(set(fb.winner[idx].tolist()) | set(fb.loser[idx].tolist()))
+        got = dict(zip(want, read_images(fb, want)))
+        return [(got[w], got[l]) for w, l in zip(fb.winner[idx], fb.loser[idx])]
+
+    def pair_chunks(wanted):
+        for start in range(0, len(fb), CHUNK_ROWS):
+            size = min(CHUNK_ROWS, len(fb) - start)
+            if wanted[start:start + size].any():
+                yield start, size, lambda rows, s=start: images(s + np.asarray(rows, np.int64))
+    return pair_chunks
+
+
 # ------------------------------------------------------------------------------------------------
 # margin: the proxy reward of both images of every pair
 
-def score_pairs(files, groups, need, pid, load_reward, cache):
+def score_pairs(pair_chunks, need, pid, load_reward, cache):
     """R(c, x_0), R(c, x_1) of every pair in `need`: (N, 2) float32, NaN where unscored or corrupt.
 
+    pair_chunks(wanted) -> (first row, rows, images) per chunk (parquet_pairs, feedback_pairs).
     load_reward() -> reward(images, pids): the proxy, loaded on first use (clip_reward, function_reward).
     Cached in chunks of at most CHUNK_ROWS pairs (read_chunks): a killed run resumes at the first
     missing chunk. Returns (scores, pairs scored now).
@@ -142,25 +175,22 @@ def score_pairs(files, groups, need, pid, load_reward, cache):
         return scores, 0
     reward = load_reward()
     bar = tqdm(total=int(todo.sum()), desc="reward", unit="pair")
-    for start, batch in chunks(files, groups, todo, columns=["jpg_0", "jpg_1"]):
-        rows = slice(start, start + batch.num_rows)
-        scores[rows] = score_chunk(batch, need[rows], pid[rows], reward, reward.pairs_per_call)
+    for start, size, images in pair_chunks(todo):
+        rows = slice(start, start + size)
+        scores[rows] = score_chunk(images, size, need[rows], pid[rows], reward, reward.pairs_per_call)
         save_chunk(cache, "scores", start, scores[rows])
         bar.update(int(todo[rows].sum()))
     bar.close()
     return scores, int(todo.sum())
 
 
-def score_chunk(batch, need, pid, reward, per):
-    """(rows, 2) proxy rewards of one chunk; NaN for rows not needed or with an undecodable image."""
-    out = np.full((batch.num_rows, 2), np.nan, np.float32)
-    jpg0, jpg1 = batch.column("jpg_0").to_pylist(), batch.column("jpg_1").to_pylist()
-    image = lambda v: decode(v.get("bytes") if isinstance(v, dict) else v)  # JPEG bytes or an image struct
+def score_chunk(pair_images, size, need, pid, reward, per):
+    """(size, 2) proxy rewards of one chunk; NaN for rows not needed or with an undecodable image."""
+    out = np.full((size, 2), np.nan, np.float32)
     rows = np.flatnonzero(need)
     for s in range(0, len(rows), per):  # `per` pairs per call; decode just before it to bound memory
         ok, images = [], []
-        for r in rows[s:s + per]:
-            pair = image(jpg0[r]), image(jpg1[r])
+        for r, pair in zip(rows[s:s + per], pair_images(rows[s:s + per])):
             if None not in pair:  # a corrupt pair stays NaN and is counted in the summary
                 ok.append(r)
                 images += pair
@@ -388,11 +418,12 @@ def describe(name, every, kept):
 # ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FiFA: keep the K most informative Pick-a-Pic pairs for Diffusion-DPO.")
+    p = argparse.ArgumentParser(description="FiFA: keep the K most informative preference pairs for Diffusion-DPO.")
     p.add_argument("--data", required=True,
-                   help="Pick-a-Pic v2 parquet: a file, a folder (searched recursively), a glob or a hub dataset id "
-                        "(its train split; ID:SPLIT for another)")
-    p.add_argument("--out", required=True, help="output parquet: the kept rows, input columns plus fifa_* columns")
+                   help="pairs: Pick-a-Pic v2 parquet (a file, a folder searched recursively, a glob or a hub dataset id, "
+                        "its train split; ID:SPLIT for another), or any source train_dpo.py reads (HPDv2, a JSONL of pairs)")
+    p.add_argument("--out", required=True, help="output: the kept rows with fifa_* columns; Pick-a-Pic input keeps its "
+                                                "columns; other input: .parquet in the Pick-a-Pic schema or .jsonl pairs")
     p.add_argument("--k", type=int, default=5000, help="pairs to keep (paper: ~5,000, under 0.5%% of Pick-a-Pic v2)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of prompt quality, in std per std of margin; 0 = off")
     p.add_argument("--gamma", type=float, default=0.5, help="weight of prompt diversity, in std per std of margin; 0 = off")
@@ -423,17 +454,29 @@ def main(argv=None):
     cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fifa_cache")
 
     # --- data: the small columns only; images are read chunk by chunk when scored and when written
-    files = parquet_files(args.data)
+    streamed = pairs_format(args.data) == "pickapic"  # Pick-a-Pic parquet is streamed; any other source is loaded
+    if streamed:
+        files = parquet_files(args.data)
+        table, groups = read_index(files)
+        n = table.num_rows
+        prompts, pid = index_prompts(table["caption"])
+        l0 = table["label_0"].to_numpy().astype(np.float64)  # nulls become NaN: neither 1/0 nor 0/1
+        l1 = table["label_1"].to_numpy().astype(np.float64)
+        human_w = np.where((l0 == 1) & (l1 == 0), 0, np.where((l0 == 0) & (l1 == 1), 1, -1))  # human winner
+        tie = (l0 == 0.5) & (l1 == 0.5)
+        pair_chunks, data_key = parquet_pairs(files, groups), [file_identity(f) for f in files]
+    else:  # HPDv2, a JSONL of pairs: the reader drops and counts ties, missing files, caption-less entries
+        if os.path.splitext(args.out)[1].lower() not in (".parquet", ".jsonl"):
+            fail(f"--out {args.out}: write the subset of {args.data} as .parquet (Pick-a-Pic schema) or .jsonl (pairs)")
+        fb = load_pairs(args.data)
+        files = [hpdv2_file(args.data) or args.data]  # the annotation file: with the pairs it keys the caches
+        n, prompts, pid = len(fb), list(fb.captions), fb.caption_idx.copy()
+        human_w, tie = np.zeros(n, np.int64), np.zeros(n, bool)  # image 0 of a pair is its winner
+        pair_chunks, data_key = feedback_pairs(fb), [file_identity(files[0]), pairs_identity(fb)]
+        print(f"read {fb.summary('pairs')}")
     if os.path.realpath(args.out) in {os.path.realpath(f) for f in files}:
         fail(f"--out {args.out} is one of the input files")
-    table, groups = read_index(files)
     os.makedirs(cache, exist_ok=True)  # not before: a wrong --data leaves no empty cache folder behind
-    n = table.num_rows
-    prompts, pid = index_prompts(table["caption"])
-    l0 = table["label_0"].to_numpy().astype(np.float64)  # nulls become NaN: neither 1/0 nor 0/1
-    l1 = table["label_1"].to_numpy().astype(np.float64)
-    human_w = np.where((l0 == 1) & (l1 == 0), 0, np.where((l0 == 0) & (l1 == 1), 1, -1))  # human winner
-    tie = (l0 == 0.5) & (l1 == 0.5)
     blank = np.array([not s.strip() for s in prompts], bool)[pid]
     need = (human_w >= 0) & ~blank  # pairs worth scoring
     # keep the prompts of those pairs only, renumbered 0..U-1 (-1 for the others)
@@ -443,9 +486,12 @@ def main(argv=None):
     pid, prompts = remap[pid], [prompts[i] for i in used]
     if not need.any():
         fail(f"no usable pair in {args.data}: all {n:,} are ties, unlabelled or caption-less")
-    data_key = [file_identity(f) for f in files]
     stats = dict(pairs_in=n, ties=int(tie.sum()), other_labels=int((~tie & (human_w < 0)).sum()),
                  no_caption=int((blank & (human_w >= 0)).sum()))
+    if not streamed:  # what the reader dropped, by its reasons (it read no pair it then skipped as a pair)
+        stats["ties"] = sum(v for k, v in fb.skipped.items() if k.startswith("tie"))
+        stats["other_labels"] = sum(fb.skipped.values()) - stats["ties"]
+        stats["pairs_in"] = n + sum(fb.skipped.values())
     print(f"{n:,} pairs in {len(files)} file(s), {len(prompts):,} unique prompts with a usable pair")
 
     # --- margin: proxy reward of both images (cached per chunk), text embeddings (cached per data + model)
@@ -469,7 +515,7 @@ def main(argv=None):
         reward_text, embedded = text(*reward)
         load_reward = lambda: clip_reward(*clip(*reward), reward_text, args.batch_size)
     key = short_hash("reward", data_key, *map(model_identity, reward), str(dtype))
-    rewards, stats["pairs_scored"] = score_pairs(files, groups, need, pid, load_reward,
+    rewards, stats["pairs_scored"] = score_pairs(pair_chunks, need, pid, load_reward,
                                                  os.path.join(cache, f"reward-{key}"))
     corrupt = need & np.isnan(rewards).any(1)
     eligible = need & ~corrupt
@@ -511,14 +557,20 @@ def main(argv=None):
                "fifa_quality": q_pair, "fifa_diversity": d_pair, "fifa_score": score.astype(np.float32),
                "fifa_rank": rank, "fifa_relabelled": swap}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_subset(files, groups, args.out, keep, columns, swap)
+    if streamed:
+        write_subset(files, groups, args.out, keep, columns, swap)
+    else:  # the winner is image 0: a pair the proxy relabels swaps its images, and their rewards with them
+        fb.winner, fb.loser = np.where(swap, fb.loser, fb.winner), np.where(swap, fb.winner, fb.loser)
+        columns["fifa_reward_0"] = np.where(swap, rewards[:, 1], rewards[:, 0])
+        columns["fifa_reward_1"] = np.where(swap, rewards[:, 0], rewards[:, 1])
+        write_pairs(fb, np.flatnonzero(keep), args.out, columns)
 
     # --- summary
     stats.update(kept=len(kept), unique_prompts=len(prompts), unique_prompts_kept=len(np.unique(pid[kept])),
                  relabelled=int(swap[kept].sum()), proxy_agrees=float((proxy_w == human_w)[eligible].mean()))
-    print(f"pairs in              {n:>10,}\n"
+    print(f"pairs in              {stats['pairs_in']:>10,}\n"
           f"ties dropped          {stats['ties']:>10,}\n"
-          f"other labels dropped  {stats['other_labels']:>10,}  (neither 1/0 nor 0/1)\n"
+          f"other labels dropped  {stats['other_labels']:>10,}  ({'neither 1/0 nor 0/1' if streamed else 'the reasons above'})\n"
           f"no caption dropped    {stats['no_caption']:>10,}\n"
           f"corrupt image pairs   {stats['corrupt']:>10,}  (skipped: an image missing or not decodable)\n"
           f"eligible              {int(eligible.sum()):>10,}  over {len(np.unique(pid[eligible])):,} unique prompts; "

@@ -7,7 +7,8 @@ Defaults are the paper's SD1.5 run: beta 5000, 2048 pairs per step, AdamW lr 2.0
 warm-up steps, 2000 steps, clip 1.0, 512 px, prompt dropout 0.2. The objective is in losses.py. This
 file reads top to bottom: config, processes, data, models and cache, policy and optimizer, resume, the
 loop (accumulate, step, log, save, validate), export. The mechanics it calls are in common.py
-(processes, draws, checkpoints, logging), model.py (loading, LoRA, reference, export), cache.py and data.py.
+(processes, draws, checkpoints, logging), model.py (loading, LoRA, reference, export), cache.py and
+public_data.py (every data format; the local ones in data.py).
 """
 import math
 import os
@@ -18,10 +19,10 @@ from tqdm import tqdm
 
 import common
 from cache import open_cache, stack_conditions
-from data import load_pairs
 from evaluate import validate
 from losses import add_noise_and_target, dpo_loss, per_sample_error, sft_loss
 from model import denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, trainable_state
+from public_data import load_pairs
 
 # -----------------------------------------------------------------------------
 # config: the flags both trainers share are in common.base_parser; these are DPO's own and its defaults

@@ -8,7 +8,7 @@ step (4 GPUs x 2), Adam lr 1e-7 after 1000 warm-up steps, 10,000 steps, beta 500
 with probability 0.8, 512 px. The objective is in losses.py. This file reads top to bottom like
 train_dpo.py: config, processes, data, models and cache, policy and optimizer, resume, the loop, export.
 Data layouts (liked/ and disliked/ folders, metadata files, captions in .txt files or in the PNG itself,
-Pick-a-Pic pairs) are described in the README and in data.load_singles.
+Pick-a-Pic or HPDv2 pairs) are described in the README and in public_data.load_singles.
 """
 import math
 import os
@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 import common
 from cache import open_cache, stack_conditions
-from data import load_singles
 from evaluate import validate
 from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 from model import (denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, roll_prompts,
                    trainable_state)
+from public_data import load_singles
 
 # -----------------------------------------------------------------------------
 # config: the flags both trainers share are in common.base_parser; these are KTO's own and its defaults
@@ -39,7 +39,7 @@ a("--desirable_share", type=float, default=0.8, help="gamma: probability that a 
 a("--lambda_d", type=float, default=1.0, help="loss weight of liked (desirable) images")
 a("--lambda_u", type=float, default=1.0, help="loss weight of disliked (undesirable) images")
 a("--pickapic_policy", choices=["at_least_once", "always"], default="at_least_once",
-  help="Pick-a-Pic pairs -> labels: liked if preferred in at least one pair (the paper), or in every pair")
+  help="Pick-a-Pic or HPDv2 pairs -> labels: liked if preferred in at least one pair (the paper), or in every pair")
 parser.set_defaults(max_steps=10000, global_batch=8, micro_batch=2, lr=1e-7, warmup_steps=1000, weight_decay=0.0,
                     prompt_dropout=0.0)
 RESUME_KEYS = ["pretrained", "data", "utility", "ref_point", "desirable_share", "lambda_d", "lambda_u", "pickapic_policy",

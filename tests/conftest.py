@@ -82,3 +82,43 @@ def tiny_sdxl_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_sdxl"))
     build_sdxl_pipeline(path, seed=0)
     return path
+
+
+def write_hpdv2(root, corrupt=False):
+    """A tiny HPDv2 in the layout and schema of its dataset card (hub ymhao/HPDv2): train.json, a list of
+    {"human_preference": [int, ...] (1 for preference), "prompt": str, "file_path": [str, ...]}, with the
+    images in train/ beside it; test.json, a list of {"prompt", "image_path", "rank" (lower is better),
+    "raw_annotations": [{"rank", "user_hash"}]}, with the images in test/. Red images are preferred.
+    train.json holds 6 decided pairs, 1 tie (both images preferred), 1 pair with a missing file, 1 entry
+    without a caption and 1 with fewer labels than images; corrupt: r3.jpg is a truncated JPEG."""
+    import json
+    root = str(root)
+    images = {"r0": "red", "g0": "green", "r1": "red", "b1": "blue", "t0": "green", "t1": "blue", "r2": "red",
+              "g2": "green", "b2": "blue", "r3": "red", "g3": "green", "r4": "red", "g5": "green", "b5": "blue"}
+    os.makedirs(os.path.join(root, "train"), exist_ok=True)
+    for k, (name, color) in enumerate(images.items()):
+        data = jpeg(COLORS[color], seed=k)
+        with open(os.path.join(root, "train", name + ".jpg"), "wb") as f:
+            f.write(data[: len(data) // 3] if corrupt and name == "r3" else data)
+    entry = lambda pref, prompt, names, key="file_path": {"human_preference": pref, "prompt": prompt,
+                                                          key: [n + ".jpg" for n in names]}
+    train = [entry([1, 0], "a red square", ["r0", "g0"]),
+             entry([0, 1], "a blue square", ["b1", "r1"]),
+             entry([1, 1], "a tie", ["t0", "t1"]),  # none preferred over the other
+             entry([1, 0, 0], "three squares", ["r2", "g2", "b2"]),  # two pairs: r2 against each other image
+             entry([1, 0], "a lost file", ["r3", "gone"]),
+             entry([1, 0], "  ", ["r4", "g0"]),  # no caption
+             entry([1, 0], "odd", ["r4", "g0", "b1"]),  # three images, two labels
+             entry([1, 0], "a red square again", ["r3", "g3"]),
+             entry([0, 1], "r0 loses here", ["r0", "r4"], key="image_path")]  # the key test.json uses
+    with open(os.path.join(root, "train.json"), "w") as f:
+        json.dump(train, f)
+    os.makedirs(os.path.join(root, "test"), exist_ok=True)
+    for k, (name, color) in enumerate([("x0", "red"), ("x1", "green"), ("x2", "blue"), ("x3", "red")]):
+        with open(os.path.join(root, "test", name + ".jpg"), "wb") as f:
+            f.write(jpeg(COLORS[color], seed=50 + k))
+    test = [{"prompt": "four squares", "image_path": ["x0.jpg", "x1.jpg", "x2.jpg", "x3.jpg"], "rank": [1, 2, 3, 1],
+             "raw_annotations": [{"rank": [1, 2, 3, 1], "user_hash": "u1"}]}]
+    with open(os.path.join(root, "test.json"), "w") as f:
+        json.dump(test, f)
+    return root

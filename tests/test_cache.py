@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import common
-import data
+from public_data import load_singles
 from cache import LatentCache, build_cache, to_tensor
 from model import load_models
 
@@ -20,7 +20,7 @@ def test_draws_have_the_vae_posterior_and_the_flip_picks_the_mirror_image(tiny_p
         a = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)  # not square, not symmetric: a flip changes it
         Image.fromarray(a).save(root / label / "x.png")
         (root / label / "x.txt").write_text(f"a {label} thing")
-    fb = data.load_singles(str(root))
+    fb = load_singles(str(root))
     ctx = common.setup(0)
     models = load_models(tiny_pipe_dir, ctx)
     cache = LatentCache(build_cache(fb, str(tmp_path / "cache"), models, 32, True, ctx))

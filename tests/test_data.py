@@ -1,4 +1,4 @@
-"""The feedback loaders of data.py on tiny datasets built in each test: every single-image (KTO) layout,
+"""The feedback loaders of data.py and public_data.py on tiny datasets built in each test: every single-image (KTO) layout,
 and the pair (DPO) loaders. No models; a few seconds.
 
     python -m pytest -q tests/test_data.py
@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import data
-from conftest import COLORS, write_pickapic
+import public_data
+from conftest import COLORS, write_hpdv2, write_pickapic
 
 A1111 = ("a cozy cabin in the snow,\nwarm light, 35mm\nNegative prompt: blurry, lowres\n"
          "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: v1-5")
@@ -65,7 +66,7 @@ def test_class_folders_with_txt_and_embedded_prompts(tmp_path):
     save(root / "loose.png")  # outside both class folders
     (root / "disliked" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # corrupt, no caption file
 
-    fb = data.load_singles(str(root))
+    fb = public_data.load_singles(str(root))
     assert by_name(fb) == {
         "a1111.png": ("a cozy cabin in the snow,\nwarm light, 35mm", 1),
         "steps_only.png": ("a red fox", 1),
@@ -83,7 +84,7 @@ def test_class_folders_with_txt_and_embedded_prompts(tmp_path):
 
 def test_class_folders_any_letter_case_and_one_class(tmp_path):
     save(tmp_path / "LIKED" / "a.PNG", pnginfo=png_text(parameters="only likes\nSteps: 1"))
-    fb = data.load_singles(str(tmp_path))
+    fb = public_data.load_singles(str(tmp_path))
     assert by_name(fb) == {"a.PNG": ("only likes", 1)} and fb.label_counts() == "1 desirable, 0 undesirable"
 
 
@@ -98,7 +99,7 @@ def test_fooocus_prompt_from_its_json_scheme_and_its_a1111_scheme(tmp_path):
     exif[0x9286], exif[0x927C] = json.dumps(dict(meta, prompt="a jpeg fox")), "fooocus"
     save(tmp_path / "disliked" / "fooocus.jpg", fmt="JPEG", exif=exif)
     save(tmp_path / "disliked" / "empty.png", pnginfo=png_text(parameters=json.dumps(dict(meta, prompt=" "))))
-    fb = data.load_singles(str(tmp_path))
+    fb = public_data.load_singles(str(tmp_path))
     assert by_name(fb) == {"json.png": ("a fox in the rain", 1), "a1111.png": ("a fox, cinematic", 1),
                            "fooocus.jpg": ("a jpeg fox", -1)}
     assert fb.skipped == {"no caption": 1}
@@ -124,7 +125,7 @@ def test_metadata_jsonl_label_spellings_and_caption_columns(tmp_path):
     (tmp_path / "sub" / "l.txt").write_text("t12")
     (tmp_path / "liked").mkdir()  # metadata wins over class folders
 
-    fb = data.load_singles(str(tmp_path))
+    fb = public_data.load_singles(str(tmp_path))
     want = {"a.png": 1, "b.png": -1, "c.png": 1, "d.png": -1, "e.png": 1, "f.png": -1, "g.png": 1, "h.png": -1,
             "i.png": -1, "j.png": 1, "k.png": 1, "l.png": 1}
     got = by_name(fb)
@@ -144,41 +145,41 @@ def test_metadata_csv_and_explicit_file(tmp_path):
         "\ufefffile_name,text,label\nimgs/x.jpg,a cat,TRUE\nimgs/y.jpg,\"a dog, sitting\",no\n"
         "imgs/z.jpg,a cow,liked\nimgs/w.jpg,a hen,??\n", encoding="utf-8")
     for path in (tmp_path, tmp_path / "metadata.csv"):
-        fb = data.load_singles(str(path))
+        fb = public_data.load_singles(str(path))
         assert by_name(fb) == {"x.jpg": ("a cat", 1), "y.jpg": ("a dog, sitting", -1), "z.jpg": ("a cow", 1)}
         assert sum(v for k, v in fb.skipped.items() if "'??'" in k) == 1
     (tmp_path / "labels.jsonl").write_text(json.dumps({"file_name": "imgs/x.jpg", "prompt": "p", "label": "disliked"}) + "\n")
-    assert by_name(data.load_singles(str(tmp_path / "labels.jsonl"))) == {"x.jpg": ("p", -1)}
+    assert by_name(public_data.load_singles(str(tmp_path / "labels.jsonl"))) == {"x.jpg": ("p", -1)}
 
 
 def test_metadata_errors(tmp_path):
     save(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "t"}) + "\n")
     with pytest.raises(SystemExit, match="no label column"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     (tmp_path / "metadata.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match=r"metadata.jsonl:1: expected a JSON object"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "t", "label": "meh"}) + "\n")
     with pytest.raises(SystemExit, match=r"no usable image .*unknown label value \(e.g. 'meh'"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
 
 
 def test_clear_errors_for_missing_or_empty_data(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="data not found"):
-        data.load_singles(str(tmp_path / "nope"))
+        public_data.load_singles(str(tmp_path / "nope"))
     monkeypatch.chdir(tmp_path)
     for relative in ["my_likes/", "./my_likes", "likes/2024/", "x.parquet"]:  # folder-like: not a hub dataset id
         with pytest.raises(SystemExit, match="data not found"):
-            data.load_singles(relative)
+            public_data.load_singles(relative)
     save(tmp_path / "a.png")
     with pytest.raises(SystemExit, match="no liked/ or disliked/ subfolder, no metadata"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     save(tmp_path / "liked" / "b.png")  # no caption anywhere
     with pytest.raises(SystemExit, match="no usable image .*no caption: 1"):
-        data.load_singles(str(tmp_path))
+        public_data.load_singles(str(tmp_path))
     with pytest.raises(SystemExit, match="unknown Pick-a-Pic policy"):
-        data.load_singles(str(tmp_path), pickapic_policy="sometimes")
+        public_data.load_singles(str(tmp_path), pickapic_policy="sometimes")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def pickapic_labels(fb, uid_of_width):
 
 def test_pickapic_at_least_once(tmp_path):
     uids = pickapic_pairs(str(tmp_path / "p.parquet"), PAIRS)
-    fb = data.load_singles(str(tmp_path / "p.parquet"))
+    fb = public_data.load_singles(str(tmp_path / "p.parquet"))
     assert fb.num_images == len(fb) == 11  # A and B appear three times, K twice: de-duplicated by uid
     assert pickapic_labels(fb, uids) == {
         "A": ("cap1", 1), "B": ("cap1", -1), "C": ("cap2", 1), "D": ("cap3", -1), "E": ("cap4", -1), "F": ("cap4", -1),
@@ -231,7 +232,7 @@ def test_pickapic_at_least_once(tmp_path):
 
 def test_pickapic_always(tmp_path):
     uids = pickapic_pairs(str(tmp_path / "p.parquet"), PAIRS)
-    fb = data.load_singles(str(tmp_path), pickapic_policy="always")  # a folder of parquet files
+    fb = public_data.load_singles(str(tmp_path), pickapic_policy="always")  # a folder of parquet files
     labels = pickapic_labels(fb, uids)
     assert {u for u, (_, y) in labels.items() if y == 1} == {"C", "G", "H"}
     assert "A" not in labels and "K" not in labels  # preferred in some pairs only
@@ -243,7 +244,7 @@ def test_pickapic_without_uid_columns_keeps_every_image(tmp_path):
     write_pickapic(str(tmp_path / "p.parquet"), n=4, ties=1)
     table = pq.read_table(tmp_path / "p.parquet").drop(["image_0_uid", "image_1_uid"])
     pq.write_table(table, tmp_path / "p.parquet")
-    fb = data.load_singles(str(tmp_path / "p.parquet"))
+    fb = public_data.load_singles(str(tmp_path / "p.parquet"))
     assert len(fb) == 10 and fb.label_counts().startswith("4 desirable, 6 undesirable")
     assert fb.notes["images only ever tied, labelled undesirable"] == 2
 
@@ -266,11 +267,11 @@ def write_kto_csv(root):
 def test_kto_authors_csv(tmp_path):
     write_kto_csv(tmp_path)
     for path in (tmp_path / "train_processed_v3.csv", tmp_path):  # the CSV, or the folder that holds it
-        fb = data.load_singles(str(path))
+        fb = public_data.load_singles(str(path))
         assert by_name(fb) == {"w1.jpg": ("a win", 1), "l1.jpg": ("a loss", -1), "i1.jpg": ("both", 1)}
         assert fb.skipped["missing file"] == 1 and fb.skipped["no caption"] == 1
         assert sum(v for k, v in fb.skipped.items() if k.startswith("unknown split (e.g. 'tie_only'")) == 1
-    fb = data.load_singles(str(tmp_path), pickapic_policy="always")
+    fb = public_data.load_singles(str(tmp_path), pickapic_policy="always")
     assert by_name(fb) == {"w1.jpg": ("a win", 1), "l1.jpg": ("a loss", -1)}
     assert fb.skipped["intersections (policy always)"] == 1
 
@@ -279,7 +280,7 @@ def test_kto_csv_with_image_root(tmp_path):
     write_kto_csv(tmp_path / "data")
     (tmp_path / "labels").mkdir()
     (tmp_path / "data" / "train_processed_v3.csv").rename(tmp_path / "labels" / "kto.csv")
-    fb = data.load_singles(str(tmp_path / "labels" / "kto.csv"), image_root=str(tmp_path / "data"))
+    fb = public_data.load_singles(str(tmp_path / "labels" / "kto.csv"), image_root=str(tmp_path / "data"))
     assert len(fb) == 3 and all(p.startswith(str(tmp_path / "data")) for p in fb.paths)
 
 
@@ -288,7 +289,7 @@ def test_kto_csv_with_image_root(tmp_path):
 
 def test_load_pairs_parquet_drops_ties(tmp_path):
     path = write_pickapic(str(tmp_path / "p.parquet"), n=6, ties=2)
-    fb = data.load_pairs(path)
+    fb = public_data.load_pairs(path)
     assert len(fb) == 6 and fb.skipped == {"tie": 2}
     winners = data.read_images(fb, sorted(int(i) for i in fb.winner))
     red = np.array(COLORS["red"])
@@ -302,14 +303,14 @@ def test_load_pairs_jsonl(tmp_path):
     lines = [{"caption": "x", "chosen": "a.png", "rejected": "b.png"}, {"caption": "y", "chosen": "c.png", "rejected": "a.png"},
              {"caption": "", "chosen": "a.png", "rejected": "c.png"}, {"caption": "z", "chosen": "b.png", "rejected": "b.png"}]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    fb = data.load_pairs(str(tmp_path / "pairs.jsonl"))
+    fb = public_data.load_pairs(str(tmp_path / "pairs.jsonl"))
     name = lambda i: fb.paths[i].split("/")[-1]
     assert [(fb.captions[c], name(w), name(l)) for c, w, l in zip(fb.caption_idx, fb.winner, fb.loser)] == \
         [("x", "a.png", "b.png"), ("y", "c.png", "a.png")]
     assert fb.skipped == {"no caption": 1, "tie (same image twice)": 1}
     (tmp_path / "bad.jsonl").write_text(json.dumps({"caption": "x", "chosen": "a.png"}) + "\n")
     with pytest.raises(SystemExit, match="bad.jsonl:1: expected a JSON object with caption, chosen, rejected"):
-        data.load_pairs(str(tmp_path / "bad.jsonl"))
+        public_data.load_pairs(str(tmp_path / "bad.jsonl"))
 
 
 def test_summary_counts_only_what_the_kept_rows_use():
@@ -336,15 +337,116 @@ def test_hub_id_takes_one_split(tmp_path, monkeypatch):
         return str(snapshot)  # as if every split were in the local cache already
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    files = [os.path.basename(f) for f in data.parquet_files("someone/pickapic_v2")]
+    files = [os.path.basename(f) for f in public_data.parquet_files("someone/pickapic_v2")]
     assert files == names[:2] and asked[0][:2] == ("someone/pickapic_v2", "dataset")
     assert "*/train-*.parquet" in asked[0][2]  # only the split's files are downloaded
-    assert [os.path.basename(f) for f in data.parquet_files("someone/pickapic_v2:test")] == [names[2]]
+    assert [os.path.basename(f) for f in public_data.parquet_files("someone/pickapic_v2:test")] == [names[2]]
     with pytest.raises(SystemExit, match="no .parquet files of split 'valid'"):
-        data.parquet_files("someone/pickapic_v2:valid")
+        public_data.parquet_files("someone/pickapic_v2:valid")
 
     def offline(**kwargs):
         raise OSError("we are offline\nmore")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: offline())
     with pytest.raises(SystemExit, match="could not be downloaded from the hub .*we are offline"):
-        data.parquet_files("someone/pickapic_v2")
+        public_data.parquet_files("someone/pickapic_v2")
+
+
+# ------------------------------------------------------------------------------------------------
+# HPDv2: train.json / test.json with their image folders, written in the schema of the dataset card
+
+def names(fb, which):
+    return [os.path.basename(fb.paths[i]) for i in which]
+
+
+def test_hpdv2_train_pairs(tmp_path):
+    root = write_hpdv2(tmp_path / "HPDv2")
+    for path in (root, os.path.join(root, "train.json")):  # the folder (train.json first) or the file itself
+        fb = public_data.load_pairs(path)
+        got = sorted(zip([fb.captions[c] for c in fb.caption_idx], names(fb, fb.winner), names(fb, fb.loser)))
+        assert got == [("a blue square", "r1.jpg", "b1.jpg"), ("a red square", "r0.jpg", "g0.jpg"),
+                       ("a red square again", "r3.jpg", "g3.jpg"), ("r0 loses here", "r4.jpg", "r0.jpg"),
+                       ("three squares", "r2.jpg", "b2.jpg"), ("three squares", "r2.jpg", "g2.jpg")]
+        assert fb.skipped == {"tie": 1, "missing file": 1, "entry with no caption": 1,
+                              "entry without two or more images and as many labels": 1}
+    images = data.read_images(fb, sorted(set(fb.winner.tolist())))
+    red = np.array(COLORS["red"])
+    assert all(np.abs(np.asarray(im)[20, 20] - red).sum() < 60 for im in images)  # decoded from train/
+
+
+def test_hpdv2_test_ranks_to_pairs(tmp_path):
+    root = write_hpdv2(tmp_path)
+    fb = public_data.load_pairs(os.path.join(root, "test.json"))
+    got = sorted(zip(names(fb, fb.winner), names(fb, fb.loser)))  # ranks 1, 2, 3, 1: lower is better
+    assert got == [("x0.jpg", "x1.jpg"), ("x0.jpg", "x2.jpg"), ("x1.jpg", "x2.jpg"), ("x3.jpg", "x1.jpg"), ("x3.jpg", "x2.jpg")]
+    assert fb.skipped == {"tie": 1}  # x0 and x3 share rank 1
+    os.remove(os.path.join(root, "train.json"))
+    assert len(public_data.load_pairs(root)) == 5  # a folder with test.json only
+
+
+def test_hpdv2_images_beside_the_json_and_bad_files(tmp_path):
+    root = write_hpdv2(tmp_path)
+    for n in os.listdir(os.path.join(root, "test")):  # no test/ folder: paths relative to the JSON's own folder
+        os.rename(os.path.join(root, "test", n), os.path.join(root, n))
+    os.rmdir(os.path.join(root, "test"))
+    assert len(public_data.load_pairs(os.path.join(root, "test.json"))) == 5
+    os.rename(os.path.join(root, "train"), os.path.join(root, "unpacked"))  # an archive that held train/ itself
+    os.makedirs(os.path.join(root, "train"))
+    os.rename(os.path.join(root, "unpacked"), os.path.join(root, "train", "train"))
+    assert len(public_data.load_pairs(root)) == 6
+    (tmp_path / "other.json").write_text(json.dumps([{"caption": "x", "chosen": "a.png"}]))
+    with pytest.raises(SystemExit, match="other.json is not an HPDv2 annotation file: expected"):
+        public_data.load_pairs(str(tmp_path / "other.json"))
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(SystemExit, match="cannot read HPDv2 annotations .*broken.json"):
+        public_data.load_singles(str(tmp_path / "broken.json"))
+
+
+def test_hpdv2_singles_both_policies(tmp_path):
+    root = write_hpdv2(tmp_path)
+    label = lambda fb: {os.path.basename(fb.paths[i]): int(y) for i, y in zip(fb.image, fb.label)}
+    fb = public_data.load_singles(root)
+    liked = {"r0.jpg", "r1.jpg", "r2.jpg", "r3.jpg", "r4.jpg"}  # r0 preferred once and lost once
+    assert {k for k, y in label(fb).items() if y == 1} == liked
+    assert {k for k, y in label(fb).items() if y == -1} == {"g0.jpg", "b1.jpg", "t0.jpg", "t1.jpg", "g2.jpg", "b2.jpg", "g3.jpg"}
+    assert fb.notes["images only ever tied, labelled undesirable"] == 2 and fb.skipped["pair with a missing file"] == 1
+    assert [fb.captions[c] for c, i in zip(fb.caption_idx, fb.image) if fb.paths[i].endswith("r0.jpg")] == ["a red square"]
+    fb = public_data.load_singles(os.path.join(root, "train.json"), pickapic_policy="always")
+    assert {k for k, y in label(fb).items() if y == 1} == liked - {"r0.jpg"} and "r0.jpg" not in label(fb)
+    assert fb.skipped["image preferred in some of its pairs only (policy always)"] == 1
+
+
+def test_write_pairs_round_trips_as_pickapic_and_jsonl(tmp_path):
+    root = write_hpdv2(tmp_path / "HPDv2")
+    fb = public_data.load_pairs(root)
+    score = np.arange(len(fb), dtype=np.float32)
+    public_data.write_pairs(fb, [1, 3], str(tmp_path / "sub.parquet"), {"fifa_score": score})
+    t = pq.read_table(tmp_path / "sub.parquet").to_pydict()
+    assert t["fifa_score"] == [1.0, 3.0] and t["label_0"] == [1.0, 1.0]
+    with open(fb.paths[fb.winner[1]], "rb") as f:
+        assert t["jpg_0"][0] == f.read()  # a JPEG file's own bytes, not compressed twice
+    back = public_data.load_pairs(str(tmp_path / "sub.parquet"))  # read as Pick-a-Pic
+    assert [back.captions[c] for c in back.caption_idx] == [fb.captions[fb.caption_idx[r]] for r in (1, 3)]
+    assert len(public_data.load_singles(str(tmp_path / "sub.parquet"))) == 4
+    public_data.write_pairs(fb, [0, 2], str(tmp_path / "out" / "sub.jsonl"), {"fifa_score": score})
+    back = public_data.load_pairs(str(tmp_path / "out" / "sub.jsonl"))
+    assert names(back, back.winner) == names(fb, fb.winner[[0, 2]]) and back.skipped == {}
+    first = json.loads((tmp_path / "out" / "sub.jsonl").read_text().splitlines()[0])
+    assert first["chosen"].startswith("../HPDv2/train/") and first["fifa_score"] == 0.0
+    with pytest.raises(SystemExit, match="write pairs to a .parquet file"):
+        public_data.write_pairs(fb, [0], str(tmp_path / "sub.csv"))
+
+
+def test_unreachable_hub_id_names_it_and_the_options(monkeypatch):
+    import huggingface_hub
+
+    class RepositoryNotFoundError(Exception):  # what huggingface_hub raises for a repo that is gone (a 404)
+        pass
+
+    def missing(*args, **kwargs):
+        raise RepositoryNotFoundError("404 Client Error.\n\nRepository Not Found for url: https://huggingface.co/...")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    with pytest.raises(SystemExit) as e:
+        public_data.load_pairs("yuvalkirstain/pickapic_v2")
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and "yuvalkirstain/pickapic_v2" in msg and "RepositoryNotFoundError" in msg
+    assert "a local copy" in msg and "a mirror in the same schema" in msg and "HPDv2" in msg

@@ -6,6 +6,7 @@ Everything runs in-process through main([...]) (importing transformers costs ~10
 loads its models through the same from_pretrained(folder) path a real run takes with PickScore and Qwen.
 """
 import io
+import json
 import math
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_margins_rank_when_alpha_gamma_zero_and_rerun_scores_nothing(data, clip_
     assert stats["prompts_embedded"] == 8
     out = pq.read_table(tmp_path / "a.parquet")
     assert out.column_names == pq.read_schema(data).names + FIFA_COLUMNS  # the input schema plus scores
-    from data import load_pairs
+    from public_data import load_pairs
     assert len(load_pairs(str(tmp_path / "a.parquet"))) == 5  # the DPO trainer's loader reads it as is
     # all 14 eligible margins, from the cache of a second run that keeps them all
     stats = run(data, tmp_path / "all.parquet", clip_dir, lm_dir, "--k", 14, "--alpha", 0, "--gamma", 0,
@@ -202,7 +203,7 @@ def test_bad_input_gives_clear_messages(data, clip_dir, tmp_path):
     ties = make_pickapic(tmp_path / "ties.parquet", ["a red circle"] * 2, labels=[(0.5, 0.5)] * 2)
     with pytest.raises(SystemExit, match="no usable pair"):
         run(ties, tmp_path / "o.parquet", clip_dir, "none")
-    with pytest.raises(SystemExit, match=r"no \.parquet files in .*missing"):  # data.parquet_files' message
+    with pytest.raises(SystemExit, match=r"no \.parquet files in .*missing"):  # public_data.parquet_files' message
         run(str(tmp_path / "missing" / "*.parquet"), tmp_path / "o.parquet", clip_dir, "none")
     with pytest.raises(SystemExit, match="data not found"):
         run(str(tmp_path / "nowhere"), tmp_path / "new" / "o.parquet", clip_dir, "none")
@@ -283,3 +284,32 @@ def test_a_reward_function_of_ones_own_is_the_proxy(data, tmp_path):
     assert sorted(kept) == sorted(t["fifa_margin"])[-5:]
     with pytest.raises(SystemExit, match="cannot load the function 'toy.scorers:nothing'"):
         main(args[:2] + ["--reward_model", "toy.scorers:nothing", "--gamma", "0", "--out", str(tmp_path / "x.parquet")] + args[4:])
+
+
+def test_hpdv2_pairs_scored_through_read_images_written_as_pickapic_or_jsonl(clip_dir, tmp_path, capsys):
+    """Any source load_pairs reads: HPDv2 (6 decided pairs, one with a corrupt image) -> Pick-a-Pic parquet or JSONL."""
+    from conftest import write_hpdv2
+    from public_data import load_pairs
+    from scorers import clip_scores, load_clip
+    root = write_hpdv2(tmp_path / "HPDv2", corrupt=True)
+    args = ["--quality", "none", "--max_per_prompt", "0"]
+    stats = run(root, tmp_path / "o.parquet", clip_dir, "none", "--k", 5, *args)
+    assert (stats["pairs_in"], stats["ties"], stats["corrupt"], stats["kept"], stats["pairs_scored"]) == (10, 1, 1, 5, 6)
+    assert "read 6 pairs" in capsys.readouterr().out  # the reader's own summary, with its skips
+    t = pq.read_table(tmp_path / "o.parquet").to_pydict()
+    assert set(FIFA_COLUMNS) <= set(t) and t["label_0"] == [1.0] * 5 and "a red square again" not in t["caption"]
+    model, proc = load_clip(clip_dir)
+    for i in range(5):  # jpg_0 is the human winner; the margin is its score minus the loser's
+        s = clip_scores(model, proc, [Image.open(io.BytesIO(t[f"jpg_{j}"][i])) for j in (0, 1)], [t["caption"][i]] * 2)
+        assert t["fifa_margin"][i] == pytest.approx(float(s[0] - s[1]), abs=1e-4)
+    assert len(load_pairs(str(tmp_path / "o.parquet"))) == 5  # train_dpo.py reads it as Pick-a-Pic
+    stats = run(root, tmp_path / "top.jsonl", clip_dir, "none", "--k", 2, *args)
+    assert stats["pairs_scored"] == 0  # from the cache
+    fb = load_pairs(str(tmp_path / "top.jsonl"))
+    assert len(fb) == 2 and sorted(r["fifa_margin"] for r in map(json.loads, open(tmp_path / "top.jsonl"))) == \
+        sorted(t["fifa_margin"])[-2:]
+    run(root, tmp_path / "abs.parquet", clip_dir, "none", "--k", 5, "--margin", "absolute", *args)
+    a = pq.read_table(tmp_path / "abs.parquet").to_pydict()  # relabelled pairs swap images, rewards follow them
+    assert all(r0 >= r1 for r0, r1 in zip(a["fifa_reward_0"], a["fifa_reward_1"])) and a["label_0"] == [1.0] * 5
+    with pytest.raises(SystemExit, match="as .parquet .* or .jsonl"):
+        run(root, tmp_path / "o.csv", clip_dir, "none", *args)

@@ -16,7 +16,7 @@ import threading
 import pytest
 from PIL import Image, PngImagePlugin
 
-import data
+import public_data
 import label
 from conftest import ROOT
 
@@ -140,7 +140,7 @@ def test_labels_survive_a_restart_undo_works_across_it_and_train_kto_reads_them(
 
     rows = {r["file_name"]: r for r in lines(folder / "metadata.jsonl")}
     assert {f: r["label"] for f, r in rows.items()} == {order[0]: "liked", order[1]: "disliked", order[3]: "disliked"}
-    fb = data.load_singles(str(folder))  # what train_kto.py --data FOLDER reads
+    fb = public_data.load_singles(str(folder))  # what train_kto.py --data FOLDER reads
     assert len(fb) == 3 and fb.skipped == {} and sorted(fb.label.tolist()) == [-1, -1, 1]
     assert {fb.captions[c] for c in fb.caption_idx} == {rows[f]["text"] for f in rows}
     assert not any(n.endswith(".tmp") or ".tmp" in n for n in os.listdir(folder))  # no temporary file left behind
@@ -158,7 +158,7 @@ def test_pairs_mode_writes_what_train_dpo_reads_and_counts_ties(tmp_path):
     assert labels.decide([a0, b0], "liked") == "unknown label 'liked': expected one of left, right, tie, skip"
     assert lines(folder / "pairs.jsonl") == [{"caption": labels.captions[a0], "chosen": a0, "rejected": b0},
                                              {"caption": labels.captions[a1], "chosen": b1, "rejected": a1}]
-    fb = data.load_pairs(str(folder / "pairs.jsonl"))  # what train_dpo.py --data FOLDER/pairs.jsonl reads
+    fb = public_data.load_pairs(str(folder / "pairs.jsonl"))  # what train_dpo.py --data FOLDER/pairs.jsonl reads
     assert len(fb) == 2 and fb.skipped == {}
     assert [os.path.relpath(fb.paths[w], folder) for w in fb.winner] == [a0, b1]
     state = label.Labels(str(folder), pairs=True).state()
@@ -181,7 +181,7 @@ def test_keeps_labels_and_captions_the_folder_already_has(tmp_path):
     assert lines(folder / "metadata.before-label.jsonl") == old  # the user's file, kept as it was
     labels.decide(["d.png"], "disliked")
     labels = label.Labels(str(folder), pairs=False)  # the captions of the kept file are still read after a restart
-    fb = data.load_singles(str(folder))
+    fb = public_data.load_singles(str(folder))
     got = {os.path.basename(fb.paths[i]): (fb.captions[c], int(y)) for i, c, y in zip(fb.image, fb.caption_idx, fb.label)}
     assert got == {"a.png": ("caption of liked/a", 1), "b.png": ("caption of disliked/b", -1),
                    "c.png": ("caption of c", 1), "d.png": ("caption of d", -1)}

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-import data
+import public_data
 import label
 from test_label import Served, lines, make_folder
 
@@ -78,7 +78,7 @@ def test_label_with_the_keyboard_undo_reload_and_train_kto_reads_it(tmp_path, pa
         {"file_name": "001_0.png", "text": "a blue ball", "label": "liked"},
         {"file_name": "001_1.png", "text": "a blue ball", "label": "disliked"},
         {"file_name": "002_0.png", "text": "a green cone", "label": "liked"}]
-    fb = data.load_singles(str(folder))  # train_kto.py --data FOLDER
+    fb = public_data.load_singles(str(folder))  # train_kto.py --data FOLDER
     assert len(fb) == 3 and fb.skipped == {} and fb.label.tolist() == [1, -1, 1]
 
 
@@ -95,7 +95,7 @@ def test_pairs_in_the_browser_and_train_dpo_reads_them(tmp_path, page_on):
     assert "All done" in page.text_content("#caption")
     rows = lines(folder / "pairs.jsonl")
     assert len(rows) == 2 and rows[0]["chosen"] == right and rows[0]["rejected"] == left
-    fb = data.load_pairs(str(folder / "pairs.jsonl"))  # train_dpo.py --data FOLDER/pairs.jsonl
+    fb = public_data.load_pairs(str(folder / "pairs.jsonl"))  # train_dpo.py --data FOLDER/pairs.jsonl
     assert len(fb) == 2 and fb.skipped == {}
     journal = [json.loads(x) for x in open(folder / label.JOURNAL)]
     assert [r["choice"] for r in journal] == ["right", "tie", "left"]

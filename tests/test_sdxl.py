@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
-import data
+from public_data import load_singles
 import train_dpo
 import train_kto
 from cache import LatentCache, build_cache, open_cache
@@ -67,7 +67,7 @@ def test_conditioning_is_what_the_sdxl_pipeline_builds(tiny_sdxl_dir, tmp_path):
     Image.new("RGB", (30, 50), (30, 30, 200)).save(tmp_path / "disliked" / "tall.png")  # 30 x 50 -> 32 x 53, top 10
     for name in ("liked/wide", "disliked/tall"):
         (tmp_path / f"{name}.txt").write_text("a square")
-    fb = data.load_singles(str(tmp_path))
+    fb = load_singles(str(tmp_path))
     cache = LatentCache(build_cache(fb, str(tmp_path / "cache"), models, 32, True, ctx))
     ids = {os.path.basename(p): i for i, p in enumerate(fb.paths)}
     wide, tall = ids["wide.png"], ids["tall.png"]

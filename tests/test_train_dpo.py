@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dpo
-from conftest import ROOT, write_pickapic
+from conftest import ROOT, write_hpdv2, write_pickapic
 
 
 def args_for(pipe, data, out, cache, *extra):
@@ -80,6 +80,16 @@ def test_ties_and_corrupt_images_are_counted(tiny_pipe_dir, tmp_path, capsys):
     assert "8 pairs" in printed and "tie: 3" in printed and "unreadable image: 1" in printed
     with pytest.raises(SystemExit, match="missing or corrupt"):
         train_dpo.main(args_for(tiny_pipe_dir, data, tmp_path / "out2", tmp_path / "cache2", "--max_steps", "1", "--strict"))
+
+
+def test_one_step_on_hpdv2_counts_what_it_skips(tiny_pipe_dir, tmp_path, capsys):
+    data = write_hpdv2(tmp_path / "HPDv2", corrupt=True)  # train.json and train/, as the dataset card lays them out
+    train_dpo.main(args_for(tiny_pipe_dir, data, tmp_path / "out", tmp_path / "cache", "--max_steps", "1"))
+    printed = capsys.readouterr().out
+    summary = next(line for line in printed.splitlines() if line.startswith("data: "))
+    assert "5 pairs" in summary and "HPDv2 train" in summary  # 6 decided pairs, one with a corrupt image
+    assert all(f"{reason}: 1" in summary for reason in ("tie", "missing file", "unreadable image", "entry with no caption"))
+    assert records(tmp_path / "out")[0]["loss"] == pytest.approx(0.693, abs=1e-3)  # policy = reference at step 1
 
 
 def test_clear_errors(tiny_pipe_dir, tmp_path):

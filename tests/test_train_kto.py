@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import common
 import train_kto
-from conftest import COLORS, ROOT
+from conftest import COLORS, ROOT, write_hpdv2
 from losses import add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 
 
@@ -145,6 +145,16 @@ def test_class_metrics_survive_steps_without_that_class(tiny_pipe_dir, likes, tm
     assert 0 < rec["desirable_share"] < 1  # both classes occur in the window, never in one step
     for key in ["reward_d", "reward_u", "policy_err_d", "policy_err_u", "ref_err_d", "ref_err_u"]:
         assert math.isfinite(rec[key]), key
+
+
+def test_one_step_on_hpdv2_labels_its_images(tiny_pipe_dir, tmp_path, capsys):
+    data = write_hpdv2(tmp_path / "HPDv2", corrupt=True)
+    train_kto.main(args_for(tiny_pipe_dir, data, tmp_path / "out", tmp_path / "cache", "--max_steps", "1"))
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data: "))
+    # 12 images: 5 preferred at least once, one of them (r3) corrupt; 2 only ever tied
+    assert "11 images" in summary and "4 desirable, 7 undesirable" in summary and "unreadable image: 1" in summary
+    assert "images only ever tied, labelled undesirable: 2" in summary and "pair with a missing file: 1" in summary
+    assert len(records(tmp_path / "out")) == 1
 
 
 def test_clear_errors(tiny_pipe_dir, likes, tmp_path):
