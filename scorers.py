@@ -16,10 +16,10 @@ import importlib
 import os
 import re
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+import reward_models
 from common import fail, one_line
 
 # PickScore's weights, and the processor its authors use with them (its own repo has none)
@@ -84,7 +84,8 @@ def clip_scores(model, processor, images, prompts, batch_size=32):
 
 
 # ------------------------------------------------------------------------------------------------
-# scorers: each is loaded once, then score(images, prompts) -> (N,) numpy array per batch
+# scorers: each is loaded once, then score(images, prompts) -> (N,) numpy array per batch. The models of HPSv2
+# and ImageReward, and the key maps from their official checkpoints, are in reward_models.py
 
 SCORERS = ["pickscore", "clip", "aesthetic", "hpsv2", "imagereward"]  # and module:function, your own
 
@@ -111,12 +112,75 @@ def load_weights(spec):
         fail(f"{path} is not a plain tensor checkpoint ({type(e).__name__}); not unpickling it")
 
 
-def optional_import(scorer, module, hint):
-    """The module, or None after one line saying why `scorer` is skipped and how to enable it."""
+def is_hub_or_folder(spec):
+    """A folder, or a hub id (owner/name): loaded with from_pretrained; else a weights file or 'repo:filename'."""
+    return os.path.isdir(spec) or (":" not in spec and spec.count("/") == 1 and not os.path.exists(spec)
+                                   and not spec.startswith((".", "/", "~")) and not spec.endswith("/"))
+
+
+def state_dict_of(spec):
+    """load_weights(spec), unwrapped from the {'state_dict': ...} that HPS and open_clip training checkpoints use."""
+    state = load_weights(spec)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        fail(f"{spec}: not a state dict of tensors")
+    return state
+
+
+def load_hpsv2(weights, tokenizer, device):
+    """HPSv2 as (CLIPModel, CLIPTokenizer), from a transformers folder or hub id (tools/convert_hpsv2.py writes one),
+    or converted on load from an official open_clip checkpoint (a file or 'repo:filename', e.g. the default
+    xswu/HPSv2:HPS_v2.1_compressed.pt; xswu/HPSv2:HPS_v2_compressed.pt for v2.0) with `tokenizer`'s vocabulary."""
+    from transformers import CLIPModel, CLIPTokenizer
+    hint = "want HPS_v2.1_compressed.pt / HPS_v2_compressed.pt or a folder written by tools/convert_hpsv2.py"
+    if is_hub_or_folder(weights):
+        if os.path.isdir(weights) and not os.path.isfile(os.path.join(weights, "config.json")):
+            fail(f"hpsv2: {weights} has no config.json; {hint}")
+        try:
+            model = CLIPModel.from_pretrained(weights, dtype=torch.float32).eval().requires_grad_(False)
+            tok = CLIPTokenizer.from_pretrained(weights)
+        except Exception as e:
+            fail(f"hpsv2: cannot load {weights!r} as a transformers CLIP model: {one_line(e)}; {hint}")
+    else:
+        state = state_dict_of(weights)
+        if not reward_models.is_open_clip_state(state):
+            fail(f"hpsv2: {weights} is not an open_clip CLIP checkpoint (no visual.conv1.weight); {hint}")
+        tok = load_tokenizer("hpsv2", CLIPTokenizer, tokenizer)
+        try:
+            model = reward_models.hpsv2_from_open_clip(state, tok.eos_token_id)
+        except (ValueError, KeyError, RuntimeError) as e:
+            fail(f"hpsv2: {weights}: {one_line(e)}; {hint}")
+    return model.to(device), tok
+
+
+def load_imagereward(weights, tokenizer, device):
+    """ImageReward as (ImageRewardModel, BertTokenizer) from the official ImageReward.pt (a file or 'repo:filename',
+    default THUDM/ImageReward:ImageReward.pt) and bert-base-uncased's tokenizer (`tokenizer`: hub id or folder)."""
+    from transformers import BertTokenizer
+    hint = "want ImageReward.pt (THUDM/ImageReward on the hub)"
+    state = state_dict_of(weights)
+    if not reward_models.is_imagereward_state(state):
+        fail(f"imagereward: {weights} is not an ImageReward checkpoint "
+                         f"(no blip.visual_encoder.* / mlp.layers.* weights); {hint}")
     try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or the package failing inside its own imports
-        print(f"{scorer}: skipped, {module} does not import ({one_line(e)}); {hint} to enable it")
+        model = reward_models.imagereward_from_checkpoint(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        fail(f"imagereward: {weights}: {one_line(e)}; {hint}")
+    tok = reward_models.imagereward_tokenizer(load_tokenizer("imagereward", BertTokenizer, tokenizer))
+    vocab = model.text.config.vocab_size
+    if len(tok) > vocab:
+        fail(f"imagereward: tokenizer {tokenizer!r} has {len(tok)} tokens, the checkpoint embeds {vocab}")
+    return model.to(device), tok
+
+
+def load_tokenizer(scorer, cls, name):
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        fail(f"{scorer}: tokenizer folder not found: {name}")
+    try:
+        return cls.from_pretrained(name)
+    except Exception as e:
+        fail(f"{scorer}: cannot load tokenizer {name!r}: {one_line(e)}")
 
 
 def aesthetic_mlp(dim=768):
@@ -132,7 +196,7 @@ def aesthetic_mlp(dim=768):
 
 
 def load_scorer(name, args, device, clip):
-    """The score function of one scorer, or None (with a printed reason) when its optional package is missing."""
+    """The score function of one scorer; a scorer that cannot load stops the run with one line saying why."""
     if name == "pickscore":
         # PickScore (Kirstain et al. 2023): CLIP-H fine-tuned on Pick-a-Pic preferences;
         # logit_scale.exp() * cos(image, prompt), logit_scale.exp() = 100, so SD1.5 scores ~20-22
@@ -161,33 +225,15 @@ def load_scorer(name, args, device, clip):
             return mlp(emb.to(device)).squeeze(-1).cpu().numpy()
         return aesthetic
     if name == "hpsv2":
-        # HPSv2.1 (Wu et al. 2023): OpenCLIP ViT-H-14 fine-tuned on HPD v2, cos(image, prompt) ~0.25-0.30. As in
-        # the official img_score.py: the model's own validation transform and tokenizer, the checkpoint's
-        # 'state_dict' over a randomly initialised ViT-H-14 (no second download of the LAION weights).
-        open_clip = optional_import("hpsv2", "open_clip", "`pip install open_clip_torch` (it needs torchvision)")
-        if open_clip is None:
-            return None
-        model, _, preprocess = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None, device=device)
-        state = load_weights(args.hpsv2_weights)
-        model.load_state_dict(state.get("state_dict", state))
-        model.eval().requires_grad_(False)
-        tokenizer = open_clip.get_tokenizer("ViT-H-14")
-
-        def hpsv2(images, prompts):
-            pixels = torch.stack([preprocess(im.convert("RGB")) for im in images]).to(device)
-            img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-            txt = F.normalize(model.encode_text(tokenizer(list(prompts)).to(device)).float(), dim=-1)
-            return (img * txt).sum(-1).cpu().numpy()
-        return hpsv2
+        # HPSv2.1 (Wu et al. 2023): open_clip ViT-H-14 fine-tuned on HPD v2, as a transformers CLIPModel
+        # (reward_models.py); cos(image, prompt), SD1.5 ~0.25-0.30; a non-square image is padded, not cropped
+        model, tokenizer = load_hpsv2(args.hpsv2_weights, args.hpsv2_tokenizer, device)
+        return lambda images, prompts: reward_models.hpsv2_scores(model, tokenizer, images, prompts).numpy()
     if name == "imagereward":
-        # ImageReward (Xu et al. 2023): a BLIP-based reward model from its own package, which pins an old
-        # transformers and breaks on transformers 5
-        ImageReward = optional_import("imagereward", "ImageReward",
-                                      "`pip install image-reward` in an environment with transformers<5")
-        if ImageReward is None:
-            return None
-        model = ImageReward.load(args.imagereward_model, device=str(device))
-        return lambda images, prompts: np.array([float(model.score(p, im)) for im, p in zip(images, prompts)])
+        # ImageReward (Xu et al. 2023): BLIP ViT-L + BERT cross-attending to it + MLP, from transformers' BLIP
+        # modules (reward_models.py); (raw - 0.16717) / 1.03334, so about 0 on average over its training images
+        model, tokenizer = load_imagereward(args.imagereward_weights, args.imagereward_tokenizer, device)
+        return lambda images, prompts: reward_models.imagereward_scores(model, tokenizer, images, prompts).numpy()
     return load_function(name)
 
 
@@ -214,7 +260,7 @@ def scorer_name(spec):
 
 
 def load_scorers(names, args, device):
-    """{name: score function} in the order asked; optional scorers whose package is missing are left out."""
+    """{name: score function} in the order asked; a scorer that cannot load stops here, before any generation."""
     unknown = [n for n in names if n not in SCORERS and not is_function(n)]
     if unknown:
         fail(f"unknown scorer(s) {unknown}; choose from {SCORERS}, or module:function for your own")
@@ -222,8 +268,6 @@ def load_scorers(names, args, device):
         fail(f"two scorers with one name in {names}")
     # CLIP score and the aesthetic predictor share ViT-L/14: each (model, processor) is loaded once
     clip = functools.lru_cache(maxsize=None)(lambda model, processor: load_clip(model, processor, device))
-    scorers = {scorer_name(n): load_scorer(n, args, device, clip) for n in names}
-    scorers = {n: fn for n, fn in scorers.items() if fn is not None}
-    if not scorers:
-        fail("no scorer could be loaded (see the messages above)")
-    return scorers
+    if not names:
+        fail("no scorer given")
+    return {scorer_name(n): load_scorer(n, args, device, clip) for n in names}

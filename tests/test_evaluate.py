@@ -58,7 +58,8 @@ def aesthetic_weights(tmp_path_factory):
 def scorer_args(clip_dir, weights_file):
     return argparse.Namespace(pickscore_model=clip_dir, pickscore_processor=clip_dir, clip_model=clip_dir,
                               aesthetic_clip=clip_dir, aesthetic_weights=weights_file,
-                              hpsv2_weights="unused", imagereward_model="unused")
+                              hpsv2_weights="missing.pt", hpsv2_tokenizer=clip_dir,
+                              imagereward_weights="missing.pt", imagereward_tokenizer=clip_dir)
 
 
 def shape_image(color, background=(250, 250, 250)):
@@ -128,16 +129,14 @@ def test_scorers_match_hand_computation(tiny_clip_dir, aesthetic_weights):
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
 
 
-def test_missing_optional_scorers_give_their_message(tiny_clip_dir, monkeypatch, capsys):
+def test_hpsv2_and_imagereward_need_their_weights_not_packages(tiny_clip_dir, monkeypatch):
+    # they no longer import open_clip or ImageReward: without those packages, missing weights are what stops them,
+    # with one line each (their key maps and scores are tested in test_reward_models.py)
     monkeypatch.setitem(sys.modules, "open_clip", None)  # None in sys.modules makes `import` fail
     monkeypatch.setitem(sys.modules, "ImageReward", None)
-    scorers = load_scorers(["hpsv2", "imagereward", "toy.scorers:redness"], scorer_args(tiny_clip_dir, ""), "cpu")
-    assert list(scorers) == ["redness"]
-    printed = capsys.readouterr().out
-    assert "hpsv2: skipped" in printed and "open_clip" in printed
-    assert "imagereward: skipped" in printed and "ImageReward" in printed
-    with pytest.raises(SystemExit, match="no scorer could be loaded"):
-        load_scorers(["hpsv2"], scorer_args(tiny_clip_dir, ""), "cpu")
+    for scorer in ["hpsv2", "imagereward"]:
+        with pytest.raises(SystemExit, match="weights file not found: missing.pt"):
+            load_scorers([scorer, "toy.scorers:redness"], scorer_args(tiny_clip_dir, ""), "cpu")
 
 
 # ------------------------------------------------------------------------------------------------
