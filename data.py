@@ -289,6 +289,8 @@ def caption_beside(p):
     most fine-tuning tools), else the prompt that the SD front end which made the image wrote into it:
     - AUTOMATIC1111 (also Forge, SD.Next): a `parameters` text chunk in a PNG, the EXIF UserComment in a
       JPEG or WebP: "<prompt, maybe several lines>\\nNegative prompt: ...\\nSteps: 20, Sampler: ...";
+    - Fooocus: the same `parameters` chunk (or UserComment in IFD0 of a JPEG or WebP) holding JSON with the
+      typed prompt under "prompt" (its own scheme, `fooocus_scheme` "fooocus"), or A1111's text (scheme "a1111");
     - ComfyUI: a `prompt` chunk with the node graph as JSON; the prompt is the text of the node wired to a
       sampler's positive input."""
     txt = os.path.splitext(p)[0] + ".txt"
@@ -300,11 +302,20 @@ def caption_beside(p):
     try:
         with Image.open(p) as img:  # reads the header and the text chunks before the pixels, not the pixels
             info = dict(img.info)
-            comment = img.getexif().get_ifd(0x8769).get(0x9286) if img.format in ("JPEG", "WEBP") else None
+            exif = img.getexif() if img.format in ("JPEG", "WEBP") else None
+            comment = exif and (exif.get_ifd(0x8769).get(0x9286) or exif.get(0x9286))  # A1111; Fooocus (IFD0)
     except (OSError, SyntaxError, ValueError):  # PIL's errors for a file that is not a readable image
         return UNREADABLE
     if isinstance(comment, bytes):  # an 8-byte charset header, then the text (A1111 writes UTF-16BE)
         info.setdefault("parameters", comment[8:].decode("utf-16-be" if comment.startswith(b"UNICODE") else "utf-8", "ignore"))
+    elif isinstance(comment, str):
+        info.setdefault("parameters", comment)
+    if isinstance(info.get("parameters"), str) and info["parameters"].lstrip().startswith("{"):
+        try:  # Fooocus's own scheme: {"prompt": typed prompt, "full_prompt": [after its styles], ...}
+            prompt = json.loads(info["parameters"]).get("prompt")
+            return (prompt.strip() or None) if isinstance(prompt, str) else None
+        except (ValueError, AttributeError):
+            pass  # not JSON after all: read it as A1111's text
     if isinstance(info.get("parameters"), str):
         lines = info["parameters"].replace("\0", "").strip().splitlines()
         for marker in ("Negative prompt:", "Steps:"):

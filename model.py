@@ -20,6 +20,7 @@ from common import fail, one_line
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json's _class_name
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA scripts
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights(folder) looks for
+KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA for AUTOMATIC1111, Forge and ComfyUI (see kohya_lora_state_dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +237,10 @@ def export(out_dir, pretrained, unet, lora):
             from peft.utils import get_peft_model_state_dict
             layers = convert_state_dict_to_diffusers({k: v.detach().float().cpu()
                                                       for k, v in get_peft_model_state_dict(unet).items()})
-            Pipeline.save_lora_weights(stage, unet_lora_layers=layers, safe_serialization=True)
+            Pipeline.save_lora_weights(stage, unet_lora_layers=layers, safe_serialization=True,  # with its alpha
+                                       unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+            from safetensors.torch import save_file
+            save_file(kohya_lora_state_dict(unet), os.path.join(stage, KOHYA_FILE))
         else:
             pipe = Pipeline.from_pretrained(pretrained, unet=unet, dtype=torch.float32)
             pipe.save_pretrained(stage, safe_serialization=True)
@@ -247,6 +251,23 @@ def export(out_dir, pretrained, unet, lora):
             os.replace(os.path.join(stage, name), dst)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def kohya_lora_state_dict(unet, adapter="default"):
+    """The UNet's LoRA in the kohya layout the front ends load: per adapted layer `lora_unet_<module path with
+    . -> _>` (ComfyUI's comfy/lora.py model_lora_keys_unet maps exactly these names for SD1.5 and SDXL, A1111's
+    Lora extension converts them to its own) with `.lora_down.weight` (A, r x in), `.lora_up.weight` (B, out x r) and
+    `.alpha`; the front ends scale by alpha / r, peft by its `scaling`, so alpha = scaling * r keeps the strength.
+    (diffusers' convert_state_dict_to_kohya writes alpha = r, right only when lora_alpha equals r.)"""
+    from peft.tuners.lora import LoraLayer
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            key, down = "lora_unet_" + name.replace(".", "_"), module.lora_A[adapter].weight
+            out[f"{key}.lora_down.weight"] = down.detach().float().cpu().contiguous()
+            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(module.scaling[adapter] * down.shape[0]))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

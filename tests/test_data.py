@@ -88,6 +88,23 @@ def test_class_folders_any_letter_case_and_one_class(tmp_path):
     assert by_name(fb) == {"a.PNG": ("only likes", 1)} and fb.label_counts() == "1 desirable, 0 undesirable"
 
 
+def test_fooocus_prompt_from_its_json_scheme_and_its_a1111_scheme(tmp_path):
+    """Fooocus writes `parameters` as JSON (scheme fooocus, the typed prompt under "prompt") or as A1111 text;
+    in a JPEG or WebP the same string goes into EXIF UserComment of IFD0 (modules/meta_parser.py get_exif)."""
+    meta = {"prompt": "a fox in the rain", "full_prompt": ["a fox in the rain", "cinematic, moody"],
+            "negative_prompt": "", "steps": 30, "performance": "Speed", "version": "Fooocus v2.5.5"}
+    save(tmp_path / "liked" / "json.png", pnginfo=png_text(parameters=json.dumps(meta), fooocus_scheme="fooocus"))
+    save(tmp_path / "liked" / "a1111.png", pnginfo=png_text(parameters="a fox, cinematic\nSteps: 30", fooocus_scheme="a1111"))
+    exif = Image.Exif()
+    exif[0x9286], exif[0x927C] = json.dumps(dict(meta, prompt="a jpeg fox")), "fooocus"
+    save(tmp_path / "disliked" / "fooocus.jpg", fmt="JPEG", exif=exif)
+    save(tmp_path / "disliked" / "empty.png", pnginfo=png_text(parameters=json.dumps(dict(meta, prompt=" "))))
+    fb = public_data.load_singles(str(tmp_path))
+    assert by_name(fb) == {"json.png": ("a fox in the rain", 1), "a1111.png": ("a fox, cinematic", 1),
+                           "fooocus.jpg": ("a jpeg fox", -1)}
+    assert fb.skipped == {"no caption": 1}
+
+
 # ------------------------------------------------------------------------------------------------
 # metadata.jsonl / metadata.csv keyed by file_name
 

@@ -1,0 +1,399 @@
+"""Label your own images in the browser: like / dislike (for Diffusion-KTO) or left / right / tie (for Diffusion-DPO).
+
+    python label.py FOLDER                  # one image at a time: L like, D dislike, S skip, U undo
+    python label.py FOLDER --pairs          # two images of one prompt: 1 or <- left, 2 or -> right, T tie
+    python label.py FOLDER --generate MODEL --prompts prompts.txt --n 4    # no images yet: make them first
+
+It serves one page on 127.0.0.1 and prints its address. Images at any depth below FOLDER (png, jpg, jpeg, webp)
+take their prompt from where the front end that made them put it (data.caption_beside: AUTOMATIC1111/Forge,
+ComfyUI, Fooocus, or a .txt beside the image) or from a metadata.jsonl already there. Images are never moved
+or changed. label.py writes into FOLDER:
+- metadata.jsonl, one {"file_name", "text", "label": "liked"|"disliked"} per image: `train_kto.py --data FOLDER`
+- pairs.jsonl, one {"caption", "chosen", "rejected"} per decided pair: `train_dpo.py --data FOLDER/pairs.jsonl`
+- .label_journal.jsonl: every decision in order (skips, ties and undos too), the source of both files.
+A decision is appended to the journal and fsynced before the page moves on; the two files are then rewritten
+under a temporary name and renamed, so a trainer never reads half a file and a killed server loses nothing.
+A restart replays the journal: the page opens on the first undecided image, and undo goes on working.
+A metadata.jsonl or pairs.jsonl that label.py did not write is kept as *.before-label.jsonl and its labels
+carried over; so are the labels of images under liked/ and disliked/ folders.
+
+Safety: binds 127.0.0.1 unless --host says otherwise; serves only the images it found inside FOLDER (a path
+with .., an absolute path, a symlink out of FOLDER: 404); a write needs the random token of this run, which only
+the served page knows (another site open in the browser gets 403), and a Host header naming this machine.
+"""
+import argparse
+import errno
+import hashlib
+import hmac
+import json
+import mimetypes
+import os
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, unquote, urlsplit
+
+from common import atomic_path, fail
+from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, parse_label
+
+JOURNAL, METADATA, PAIRS = ".label_journal.jsonl", "metadata.jsonl", "pairs.jsonl"
+CHOICES = {False: ("liked", "disliked", "skip"), True: ("left", "right", "tie", "skip")}  # single images, pairs
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "label.html")
+
+
+def write_lines(path, lines):
+    """The whole file under a temporary name, then renamed: a reader sees the old file or the new one."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+
+
+def read_jsonl(path):
+    """The JSON objects of a JSONL file; a torn last line (a kill mid-append) and blank lines are left out."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return [r for r in rows if isinstance(r, dict)]
+
+
+# ------------------------------------------------------------------------------------------------
+# the folder: images, their prompts, the decisions on them
+
+class Labels:
+    """The images of a folder and the stack of decisions on them; one lock guards every change."""
+
+    def __init__(self, folder, pairs):
+        self.root, self.pairs, self.lock = os.path.realpath(folder), pairs, threading.Lock()
+        self.skipped = Counter()  # reason -> count, shown on the page and printed
+        self.files, self.captions = self.scan()
+        self.items = self.make_pairs() if pairs else [[f] for f in self.files]
+        if not self.items:  # checked before anything is written
+            fail(f"no images (png, jpg, jpeg, webp) in {folder}" if not self.skipped and not self.files else
+                 f"no images with a prompt in {folder} (skipped {self.skip_line()})" if not self.files else
+                 f"no two images with the same prompt in {folder}: --pairs needs 2 or more images per prompt")
+        journal = os.path.join(self.root, JOURNAL)
+        try:
+            self.decisions = self.replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
+            write_lines(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
+            self.write_outputs()
+        except OSError as e:
+            fail(f"cannot write into {folder} ({e.strerror or e}): label.py keeps its labels there")
+
+    def skip_line(self):
+        return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+
+    def scan(self):
+        """Image paths relative to the root (sorted, '/'-separated) and their prompts. Hidden files and folders
+        are left out; so is a symlink that leads out of the folder. Reads each image's header, not its pixels."""
+        self.known = known = {}  # file_name -> caption from a metadata.jsonl that label.py did not write
+        for name in ("metadata.before-label.jsonl", METADATA):
+            path = os.path.join(self.root, name)
+            if os.path.exists(path) and (name != METADATA or not os.path.exists(os.path.join(self.root, JOURNAL))):
+                for row in read_jsonl(path):
+                    text = next((row[k] for k in CAPTION_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
+                    if text and isinstance(row.get("file_name"), str):
+                        known[row["file_name"].replace(os.sep, "/")] = text.strip()
+        files, captions = [], {}
+        for folder, dirs, names in os.walk(self.root, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                full = os.path.join(folder, name)
+                if name.startswith(".") or not name.lower().endswith(IMAGE_EXTS):
+                    continue
+                if not os.path.realpath(full).startswith(self.root + os.sep):
+                    self.skipped["links out of the folder"] += 1; continue
+                rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                caption = known.get(rel) or caption_beside(full)
+                if caption is UNREADABLE:
+                    self.skipped["unreadable images"] += 1; continue
+                if not caption:
+                    self.skipped["images without a prompt (no .txt beside it, none in the PNG)"] += 1; continue
+                files.append(rel)
+                captions[rel] = caption
+        return sorted(files), captions
+
+    def replay(self, records):
+        """The journal, in order: a decision pushes, {"undo": true} pops."""
+        stack = []
+        for r in records:
+            if r.get("undo"):
+                stack = stack[:-1]
+            elif isinstance(r.get("item"), list) and r.get("choice") in CHOICES[len(r["item"]) == 2]:
+                stack.append({"item": r["item"], "choice": r["choice"]})
+        return stack
+
+    def carry_over(self):
+        """First run in this folder: keep the labels the folder already has, and the files that held them."""
+        decisions = []
+        for rel in self.files:  # liked/ and disliked/ folders (their first part, any letter case)
+            label = {"liked": "liked", "disliked": "disliked"}.get(rel.split("/")[0].lower()) if "/" in rel else None
+            decisions += [{"item": [rel], "choice": label}] if label else []
+        for name, keys in ((METADATA, None), (PAIRS, ("chosen", "rejected"))):
+            path = os.path.join(self.root, name)
+            backup = path.replace(".jsonl", ".before-label.jsonl")
+            if os.path.exists(path) and not os.path.exists(backup):
+                os.replace(path, backup)  # kept as it was; the new file is written from the journal
+            for row in read_jsonl(backup) if os.path.exists(backup) else []:
+                if keys is None and parse_label(row.get("label")) and isinstance(row.get("file_name"), str):
+                    decisions.append({"item": [row["file_name"]], "choice": "liked" if parse_label(row["label"]) > 0 else "disliked"})
+                elif keys and all(isinstance(row.get(k), str) for k in keys):
+                    decisions.append({"item": [row["chosen"], row["rejected"]], "choice": "left"})
+        return decisions
+
+    def make_pairs(self):
+        """Images grouped by prompt, each image in one pair: (1st, 2nd), (3rd, 4th), ... of its group. Which one
+        is shown on the left is fixed by a hash of the two names, so a restart shows the same page."""
+        groups = {}
+        for f in self.files:
+            groups.setdefault(self.captions[f], []).append(f)
+        pairs = []
+        for group in groups.values():
+            for a, b in zip(group[0::2], group[1::2]):
+                pairs.append([b, a] if hashlib.sha256(f"{a}\0{b}".encode()).digest()[0] & 1 else [a, b])
+        return pairs
+
+    # --- what the trainers read, rewritten whole after every decision
+
+    def write_outputs(self):
+        liked, pairs = {}, []
+        for d in self.decisions:
+            item, choice = d["item"], d["choice"]
+            if len(item) == 1 and choice in ("liked", "disliked"):
+                liked[item[0]] = choice  # the last decision on an image wins
+            elif len(item) == 2 and choice in ("left", "right"):
+                chosen, rejected = item if choice == "left" else item[::-1]
+                pairs.append(json.dumps({"caption": self.caption(chosen), "chosen": chosen, "rejected": rejected}))
+        rows = [json.dumps({"file_name": f, "text": self.caption(f), "label": y}) for f, y in liked.items()]
+        for name, lines in ((METADATA, rows), (PAIRS, pairs)):  # never an empty file that was not there before:
+            path = os.path.join(self.root, name)  # it would hide liked/ and disliked/ folders from train_kto.py
+            if lines or os.path.exists(path):
+                write_lines(path, lines)
+
+    def caption(self, rel):  # a carried-over label of an image that is gone keeps its old caption, if any
+        return self.captions.get(rel) or self.known.get(rel) or ""
+
+    # --- the page's three questions: what now, decide, undo
+
+    def state(self, error=None):
+        decided = {tuple(d["item"]): d["choice"] for d in self.decisions}
+        todo = [item for item in self.items if tuple(item) not in decided]
+        counts = {c: 0 for c in CHOICES[self.pairs]}
+        for item in self.items:
+            if tuple(item) in decided:
+                counts[decided[tuple(item)]] += 1
+        view = lambda item: item and {"files": item, "urls": ["/img/" + quote(f) for f in item],
+                                      "caption": self.captions[item[0]]}
+        return {"mode": "pairs" if self.pairs else "single", "item": view(todo[0] if todo else None),
+                "next": view(todo[1] if len(todo) > 1 else None), "done": len(self.items) - len(todo),
+                "total": len(self.items), "counts": counts, "can_undo": bool(self.decisions),
+                "skipped": self.skip_line(), "folder": self.root, "error": error}
+
+    def decide(self, item, choice):
+        """Record one decision; returns an error line for bad input (the page shows it), else None."""
+        if choice not in CHOICES[self.pairs]:
+            return f"unknown label {choice!r}: expected one of {', '.join(CHOICES[self.pairs])}"
+        with self.lock:
+            if item not in self.items:
+                return f"not an image of this folder's list: {item!r}"
+            if any(d["item"] == item for d in self.decisions):
+                return "already decided (in another tab?): showing the next one"
+            self.append({"item": item, "choice": choice})
+            self.decisions.append({"item": item, "choice": choice})
+            self.write_outputs()
+
+    def undo(self):
+        with self.lock:
+            if not self.decisions:
+                return "nothing to undo"
+            self.append({"undo": True})
+            self.decisions.pop()
+            self.write_outputs()
+
+    def append(self, record):
+        with open(os.path.join(self.root, JOURNAL), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------
+# the server: the page, its two calls, the images
+
+class Handler(BaseHTTPRequestHandler):
+    labels, token, page, hosts = None, None, b"", None  # set by make_server
+
+    def log_message(self, *args):  # quiet: one line per image shown would bury the address
+        pass
+
+    def reply(self, code, body, kind="application/json", cache="no-store"):
+        body = json.dumps(body).encode() if kind == "application/json" else body
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)  # images do not change; the state does
+        self.end_headers()
+        self.wfile.write(body)
+
+    def host_ok(self):  # a page of another site that resolves its own name to 127.0.0.1 still sends its name
+        return self.hosts is None or self.headers.get("Host", "") in self.hosts
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if not self.host_ok():
+            return self.reply(403, {"error": "wrong Host header"})
+        if path == "/":
+            return self.reply(200, self.page, "text/html; charset=utf-8")
+        if path == "/api/state":
+            with self.labels.lock:
+                return self.reply(200, self.labels.state())
+        if path.startswith("/img/"):
+            rel = unquote(path[len("/img/"):])
+            full = os.path.realpath(os.path.join(self.labels.root, rel))
+            if rel in self.labels.captions and full.startswith(self.labels.root + os.sep) and os.path.isfile(full):
+                with open(full, "rb") as f:
+                    return self.reply(200, f.read(), mimetypes.guess_type(full)[0] or "image/png", "max-age=3600")
+        self.reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        if not self.host_ok() or not hmac.compare_digest(self.headers.get("X-Label-Token", ""), self.token):
+            return self.reply(403, {"error": "missing or wrong token: reload the page label.py printed"})
+        try:
+            body = json.loads(self.rfile.read(min(max(0, int(self.headers.get("Content-Length") or 0)), 1 << 16)) or b"{}")
+        except ValueError:
+            body = None
+        path = urlsplit(self.path).path
+        if path == "/api/decide" and isinstance(body, dict):
+            error = self.labels.decide(body.get("item"), body.get("choice"))
+        elif path == "/api/undo":
+            error = self.labels.undo()
+        else:
+            return self.reply(400, {"error": "expected POST /api/decide {item, choice} or /api/undo"})
+        if error:
+            print(f"label.py: rejected a request: {error}", flush=True)
+        with self.labels.lock:
+            self.reply(400 if error and not error.startswith(("already", "nothing")) else 200, self.labels.state(error))
+
+
+def make_server(labels, host="127.0.0.1", port=8765):
+    """A ThreadingHTTPServer for `labels` (not yet serving); port 0 picks a free port. A port in use: one line."""
+    handler = type("LabelHandler", (Handler,), {"labels": labels, "token": secrets.token_urlsafe(24)})
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            fail(f"port {port} on {host} is in use (another label.py?): pass --port with another number, or --port 0")
+        fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
+    server.daemon_threads = True
+    port = server.server_address[1]
+    if host in ("127.0.0.1", "localhost"):
+        handler.hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
+    with open(PAGE, encoding="utf-8") as f:
+        handler.page = f.read().replace("__TOKEN__", handler.token).encode()
+    server.url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}/"
+    return server
+
+
+# ------------------------------------------------------------------------------------------------
+# --generate: images to label for someone who has none yet
+
+def trained_base(out_dir):
+    """The --pretrained a trainer's out_dir was trained from (its latest checkpoint's config), or None."""
+    try:
+        with open(os.path.join(out_dir, "checkpoints", "latest")) as f:
+            with open(os.path.join(out_dir, "checkpoints", f.read().strip(), "state.json")) as g:
+                return json.load(g)["config"].get("pretrained")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidance=7.5, seed=0, resolution=None,
+                    batch_size=4, tag=None):
+    """N images per prompt into folder as TAG_<prompt index>_s<seed>.png, the prompt in an A1111-style `parameters`
+    chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds."""
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+    from evaluate import generate_batch, load_prompts
+    from model import load_pipeline, load_scheduler, model_kind
+    kind = model_kind(model) if os.path.isdir(model) else None
+    if os.path.isdir(model) and kind is None:
+        fail(f"--generate {model}: not a pipeline folder (model_index.json) nor a trainer's out_dir "
+             "(pytorch_lora_weights.safetensors, or a full pipeline)")
+    if not os.path.isdir(model) and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        fail(f"--generate {model}: no such folder, and not a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
+    base = model if kind in (None, "pipeline") else pretrained or trained_base(model) or "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    prompts = load_prompts(prompts)
+    if not prompts:
+        fail("--prompts: no prompts in it")
+    tag = tag or re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(model)))
+    os.makedirs(folder, exist_ok=True)
+    path = lambda i, s: os.path.join(folder, f"{tag}_{i:05d}_s{s}.png")
+    todo = [(i, s) for i in range(len(prompts)) for s in range(seed, seed + n) if not os.path.exists(path(i, s))]
+    print(f"generate: {len(todo)} images with {model} ({kind or 'base'}{', base ' + base if base != model else ''}), "
+          f"{len(prompts) * n - len(todo)} already in {folder}", flush=True)
+    if not todo:
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(base, model if kind else None, load_scheduler(base), device, dtype)
+    t0 = time.time()
+    for k in range(0, len(todo), batch_size):
+        batch = todo[k:k + batch_size]
+        for (i, s), image in zip(batch, generate_batch(pipe, [(prompts[i], s) for i, s in batch], steps, guidance, resolution)):
+            info = PngInfo()
+            info.add_text("parameters", f"{prompts[i]}\nSteps: {steps}, CFG scale: {guidance}, Seed: {s}, "
+                                        f"Size: {image.width}x{image.height}, Model: {tag}")
+            image.save(path(i, s) + ".tmp", format="PNG", pnginfo=info)  # renamed once whole
+            os.replace(path(i, s) + ".tmp", path(i, s))
+        print(f"generate: {k + len(batch)}/{len(todo)} ({time.time() - t0:.0f} s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Label images in the browser for train_kto.py (like/dislike) or "
+                                "train_dpo.py (--pairs).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("folder", help="the images (any depth below it); metadata.jsonl and pairs.jsonl are written here")
+    a("--pairs", action="store_true", help="two images of the same prompt side by side: left, right or tie (for DPO)")
+    a("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 shows the page to your whole network")
+    a("--port", type=int, default=8765, help="port to serve on (0: any free port)")
+    a("--generate", metavar="MODEL", help="first make images: a base pipeline (folder or hub id), or a trainer's out_dir")
+    a("--prompts", help="with --generate: prompts file (.txt one a line, .jsonl/.csv with a prompt column)")
+    a("--n", type=int, default=4, help="with --generate: images per prompt (seeds seed..seed+n-1)")
+    a("--pretrained", help="with --generate and a LoRA out_dir: its base (default: the one it was trained from)")
+    a("--steps", type=int, default=30, help="with --generate: denoising steps")
+    a("--guidance", type=float, default=7.5, help="with --generate: classifier-free guidance scale")
+    a("--seed", type=int, default=0, help="with --generate: first seed")
+    a("--resolution", type=int, help="with --generate: image side in pixels (default: the model's)")
+    a("--batch_size", type=int, default=4, help="with --generate: images per pipeline call")
+    a("--tag", help="with --generate: file-name prefix (default: the model folder's name)")
+    args = p.parse_args(argv)
+    if args.generate:
+        if not args.prompts:
+            fail("--generate needs --prompts FILE (one prompt a line)")
+        generate_images(args.folder, args.generate, args.prompts, args.n, args.pretrained, args.steps, args.guidance,
+                        args.seed, args.resolution, args.batch_size, args.tag)
+    elif not os.path.isdir(args.folder):
+        fail(f"{args.folder} is not a folder (to make images into a new folder, pass --generate MODEL --prompts FILE)")
+    t0 = time.time()
+    labels = Labels(args.folder, args.pairs)
+    server = make_server(labels, args.host, args.port)
+    state = labels.state()
+    print(f"{state['total']} {'pairs' if args.pairs else 'images'} in {labels.root} ({state['done']} done; skipped "
+          f"{labels.skip_line()}; read in {time.time() - t0:.2f} s)", flush=True)
+    print(f"open {server.url} (Ctrl+C to stop; every decision is saved the moment you make it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print(f"\nstopped; labels are in {os.path.join(labels.root, PAIRS if args.pairs else METADATA)}")
+
+
+if __name__ == "__main__":
+    main()

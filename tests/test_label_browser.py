@@ -1,0 +1,101 @@
+"""label.py's page in a real browser: headless Chromium (Debian's package) driven by Playwright. Labels with the
+keyboard, undoes, reloads, and checks the files that train_kto.py's and train_dpo.py's loaders read. Skipped when
+chromium or playwright is missing (.ci/run installs both). A few seconds.
+
+    python -m pytest -q tests/test_label_browser.py
+"""
+import json
+import os
+
+import pytest
+
+import public_data
+import label
+from test_label import Served, lines, make_folder
+
+CHROMIUM = "/usr/bin/chromium"
+# without the networking flags Chromium keeps calling home, which floods a closed network
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page_on(browser):
+    servers, pages = [], []
+
+    def open_page(folder, pairs=False):
+        servers.append(Served(label.Labels(str(folder), pairs)))
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.goto(f"http://127.0.0.1:{servers[-1].port}/")
+        pages.append(page)
+        return page
+    yield open_page
+    for page in pages:
+        page.close()
+    for s in servers:
+        s.close()
+
+
+def press(page, key, done):
+    """Press a key and wait until the page shows `done` decisions (so the next key goes to the next image)."""
+    page.keyboard.press(key)
+    page.wait_for_function(f"document.getElementById('progress').textContent.startsWith('{done} of')", timeout=5000)
+
+
+def test_label_with_the_keyboard_undo_reload_and_train_kto_reads_it(tmp_path, page_on):
+    folder = make_folder(tmp_path / "gens")
+    page = page_on(folder)
+    page.wait_for_selector("#images img")
+    assert page.text_content("#caption") == "a blue ball"  # 001_0.png, the first image by path
+    assert page.text_content("#progress").startswith("0 of 6 images done")
+    assert page.eval_on_selector("#images img", "img => img.complete && img.naturalWidth") == 24  # the image loaded
+    press(page, "l", 1)
+    press(page, "ArrowLeft", 2)  # dislike
+    press(page, "s", 3)
+    press(page, "u", 2)  # undo the skip
+    press(page, "d", 3)
+    assert page.text_content("#progress") == "3 of 6 images done: 1 liked, 2 disliked, 0 skipped"
+    page.reload()  # a reload (or a closed tab) continues where it stopped
+    page.wait_for_function("document.getElementById('progress').textContent.startsWith('3 of')")
+    assert page.get_attribute("#images img", "alt") == "002_1.png"
+    press(page, "Backspace", 2)  # undo still works after the reload
+    assert page.get_attribute("#images img", "alt") == "002_0.png"
+    page.click("#buttons button.good")  # the Like button
+    page.wait_for_function("document.getElementById('progress').textContent.startsWith('3 of')")
+
+    assert lines(folder / "metadata.jsonl") == [
+        {"file_name": "001_0.png", "text": "a blue ball", "label": "liked"},
+        {"file_name": "001_1.png", "text": "a blue ball", "label": "disliked"},
+        {"file_name": "002_0.png", "text": "a green cone", "label": "liked"}]
+    fb = public_data.load_singles(str(folder))  # train_kto.py --data FOLDER
+    assert len(fb) == 3 and fb.skipped == {} and fb.label.tolist() == [1, -1, 1]
+
+
+def test_pairs_in_the_browser_and_train_dpo_reads_them(tmp_path, page_on):
+    folder = make_folder(tmp_path / "gens")
+    page = page_on(folder, pairs=True)
+    page.wait_for_selector("#images img >> nth=1")
+    assert page.text_content("#progress").startswith("0 of 3 pairs done")
+    left, right = (page.get_attribute(f"#images img >> nth={k}", "alt") for k in (0, 1))
+    press(page, "ArrowRight", 1)  # right is better
+    press(page, "t", 2)  # a tie: counted, not a pair
+    press(page, "1", 3)  # left is better
+    assert page.text_content("#progress") == "3 of 3 pairs done: 2 decided, 1 ties, 0 skipped"
+    assert "All done" in page.text_content("#caption")
+    rows = lines(folder / "pairs.jsonl")
+    assert len(rows) == 2 and rows[0]["chosen"] == right and rows[0]["rejected"] == left
+    fb = public_data.load_pairs(str(folder / "pairs.jsonl"))  # train_dpo.py --data FOLDER/pairs.jsonl
+    assert len(fb) == 2 and fb.skipped == {}
+    journal = [json.loads(x) for x in open(folder / label.JOURNAL)]
+    assert [r["choice"] for r in journal] == ["right", "tie", "left"]
