@@ -336,6 +336,20 @@ def resume(out_dir, optimizer, config, resume_keys, say=print):
     return state["step"], load_file(os.path.join(folder, "model.safetensors"))
 
 
+def init_weights(folder, lora_rank):
+    """The model tensors of a trainer checkpoint (out_dir/checkpoints/step_N) a new run starts its policy from
+    (--init_from), once the folder is verified and was trained with the same --lora_rank."""
+    from safetensors.torch import load_file
+    problem = checkpoint_problem(folder) if os.path.isdir(folder) else "no such folder"
+    if problem:
+        fail(f"--init_from {folder}: not a usable trainer checkpoint ({problem})")
+    with open(os.path.join(folder, "state.json")) as f:
+        rank = json.load(f)["config"].get("lora_rank", 0)
+    if rank != lora_rank:
+        fail(f"--init_from {folder} was trained with --lora_rank {rank}, this run has --lora_rank {lora_rank}")
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
 def clear_partial_checkpoints(out_dir):
     """Remove what a killed save left under a temporary name; complete checkpoints stay."""
     root = os.path.join(out_dir, "checkpoints")

@@ -29,9 +29,10 @@ from public_data import load_pairs
 
 parser = common.base_parser(__doc__.split("\n\n")[0])
 parser.add_argument("--loss", choices=["dpo", "sft"], default="dpo", help="dpo: Diffusion-DPO; sft: denoising loss on the preferred images only")
+parser.add_argument("--init_from", default="", help="a trainer checkpoint folder (out_dir/checkpoints/step_N) the policy starts from; the reference stays --pretrained")
 parser.set_defaults(max_steps=2000, global_batch=2048, lr=2.048e-5, warmup_steps=500, weight_decay=1e-2, prompt_dropout=0.2)
 # these must match for --resume to continue the same run (max_steps and the intervals may change)
-RESUME_KEYS = ["pretrained", "data", "loss", "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay",
+RESUME_KEYS = ["pretrained", "init_from", "data", "loss", "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay",
                "beta", "resolution", "random_flip", "prompt_dropout", "seed", "grad_clip", "optimizer", "vae",
                "latent_cache", "precision"]
 
@@ -70,6 +71,8 @@ def main(argv=None):
     # policy, reference, optimizer, resume
     need_reference = args.loss == "dpo"
     params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference)
+    if args.init_from:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
+        load_trainable_state(unet, args.lora_rank > 0, common.init_weights(args.init_from, args.lora_rank), args.init_from)
     ddp_unet = common.wrap_ddp(unet, ctx)
     optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "

@@ -40,9 +40,10 @@ a("--lambda_d", type=float, default=1.0, help="loss weight of liked (desirable) 
 a("--lambda_u", type=float, default=1.0, help="loss weight of disliked (undesirable) images")
 a("--pickapic_policy", choices=["at_least_once", "always"], default="at_least_once",
   help="Pick-a-Pic or HPDv2 pairs -> labels: liked if preferred in at least one pair (the paper), or in every pair")
+a("--init_from", default="", help="a trainer checkpoint folder (out_dir/checkpoints/step_N) the policy starts from; the reference stays --pretrained (online_kto.py's rounds)")
 parser.set_defaults(max_steps=10000, global_batch=8, micro_batch=2, lr=1e-7, warmup_steps=1000, weight_decay=0.0,
                     prompt_dropout=0.0)
-RESUME_KEYS = ["pretrained", "data", "utility", "ref_point", "desirable_share", "lambda_d", "lambda_u", "pickapic_policy",
+RESUME_KEYS = ["pretrained", "init_from", "data", "utility", "ref_point", "desirable_share", "lambda_d", "lambda_u", "pickapic_policy",
                "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay", "beta", "resolution", "random_flip",
                "prompt_dropout", "seed", "grad_clip", "optimizer", "vae", "latent_cache", "precision"]
 
@@ -94,6 +95,8 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # policy, reference, optimizer, resume
     params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
+    if args.init_from:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
+        load_trainable_state(unet, args.lora_rank > 0, common.init_weights(args.init_from, args.lora_rank), args.init_from)
     ddp_unet = common.wrap_ddp(unet, ctx)
     optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "

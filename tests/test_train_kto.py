@@ -225,3 +225,21 @@ def test_step_zero_loss_and_a_reference_point_that_moves(tiny_pipe_dir, likes, t
     for r in log:
         assert r["ref_point"] == pytest.approx(max(0.0, r["reward_d"]), abs=1e-7)
     assert max(r["ref_point"] for r in log) > 1e-4, [r["ref_point"] for r in log]
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_init_from_starts_the_policy_from_a_checkpoint_against_the_base(tiny_pipe_dir, likes, tmp_path, lora):
+    """--init_from: the policy starts from a checkpoint's weights, the reference stays --pretrained. So at the
+    first step the policy already differs from the reference (rewards are not 0, unlike a fresh run's first
+    step), and a rank that does not match the checkpoint's gets one line."""
+    cache, rank = tmp_path / "cache", ["--lora_rank", str(lora)]
+    train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "first", cache, "--max_steps", "2", "--lr", "3e-3", *rank))
+    ckpt = str(tmp_path / "first" / "checkpoints" / "step_0000002")
+    train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "second", cache, "--max_steps", "1", "--init_from", ckpt, *rank))
+    first, second = records(tmp_path / "first")[0], records(tmp_path / "second")[0]
+    assert first["reward_d"] == pytest.approx(0.0, abs=1e-7)  # a fresh run: policy == reference at step 1
+    assert abs(second["reward_d"]) > 1e-5  # started from the checkpoint: policy != reference at step 1
+    assert second["policy_err_d"] != first["policy_err_d"] and second["ref_err_d"] == pytest.approx(first["ref_err_d"], abs=1e-6)
+    with pytest.raises(SystemExit, match="--lora_rank"):
+        train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "third", cache, "--max_steps", "1", "--init_from", ckpt,
+                                "--lora_rank", "0" if lora else "4"))

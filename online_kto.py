@@ -1,0 +1,349 @@
+"""Online Diffusion-KTO: sample, judge, train, repeat.
+
+    python online_kto.py --pretrained BASE --prompts FILE --out DIR --rounds R --k K --steps N \\
+        --judge module:function|SCORER|person [--fidelity module:function|SCORER] [--offline]
+
+Each round r = 1..R, in DIR/round_r:
+  1. generate: K images for each of the P prompts with the current model (round 1: the base; then the weights
+     round r-1 ended with), seeds fixed per round, into images/ (a PNG and its caption in a .txt beside it);
+  2. label: a judge scores them, f(images, prompts) -> one number per image (module:function of yours, or a
+     scorer of scorers.py): the top --like_share of each prompt's K images are liked, the bottom share disliked,
+     the middle left out. Or --judge person: you label them on label.py's page (the command is printed) and the
+     round waits until every image has a label. Either way the labels are images/metadata.jsonl, which
+     `train_kto.py --data DIR/round_r/images` reads as it is;
+  3. train: N Diffusion-KTO steps of train_kto.py from the last round's weights (--init_from) against the
+     fixed base as reference, into train/;
+  4. evaluate: the judge and the fidelity check on a fixed evaluation set (--eval_prompts x --eval_seeds, seeds
+     apart from the training samples'), the same every round so that rounds compare (round 0 is the base); one
+     record per round, printed and in DIR/rounds.jsonl: the judge's mean on the round's own samples, and on the
+     evaluation set its mean, the like-rate (share of images scoring above the base's median image of the same
+     prompt, as runs/toy_table.py defines it) and the fidelity mean. Fidelity falling while the judge rises is
+     reward hacking.
+--offline is the control: the same number of labels and steps, every label on the base's samples. The R x K x P
+base samples (round r's seeds, as online) are generated and judged first; then R rounds of N steps each train on
+all of those labels, each round from the last round's weights as online does. The two differ in where the labels
+come from and in nothing else.
+
+Killed in any phase, a rerun with the same flags continues the round it was in: images on disk are kept (they
+are made in fixed batches, so a regenerated one equals the image an uninterrupted run makes), a round's labels
+are final once round_r/labels.json exists, a round's training is done once its step-N checkpoint exists and
+resumes from its checkpoints otherwise (train_kto --resume), evaluations are kept in round_r/eval.json.
+"""
+import argparse
+import json
+import os
+import shlex
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import common
+import train_kto
+from common import atomic_path, fail, write_json
+from evaluate import generate, generate_batch, load_prompts, parse_args as evaluate_defaults, save_png
+from model import load_pipeline, load_scheduler
+from scorers import load_scorers, scorer_name
+
+EVAL_SEED = 10 ** 8  # evaluation seeds EVAL_SEED + 0..E-1: the same for every run, apart from the training samples'
+SEEDS_PER_RUN = 10 ** 5  # training samples of run seed S, round r: S * SEEDS_PER_RUN + (r - 1) * K + 0..K-1
+TRAINER_FLAGS = ("lr", "beta", "global_batch", "micro_batch", "warmup_steps", "lora_rank", "resolution", "desirable_share")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--pretrained", required=True, help="the base model (diffusers folder or hub id): round 1's sampler and every round's reference")
+    a("--prompts", required=True, help="training prompts: a prompts file (evaluate.py's formats) or prompts separated by |")
+    a("--max_prompts", type=int, default=None, help="use only the first P prompts")
+    a("--out", required=True, help="run folder: round_r/ per round, rounds.jsonl; rerunning with the same folder resumes")
+    a("--rounds", type=int, default=4, help="R: rounds of generate, label, train")
+    a("--k", type=int, default=8, help="K: images per prompt and round")
+    a("--steps", type=int, default=50, help="N: train_kto.py steps per round")
+    a("--judge", required=True, help="module:function (f(images, prompts) -> one number per image), a scorer of scorers.py, or person")
+    a("--like_share", type=float, default=0.25, help="liked: the top share of each prompt's K images by the judge; disliked: the bottom share")
+    a("--fidelity", default="", help="the fidelity check, module:function or a scorer (e.g. clip); '' for none")
+    a("--eval_prompts", default="", help="evaluation prompts (same forms as --prompts); '' = the training prompts")
+    a("--eval_seeds", type=int, default=4, help="evaluation images per prompt and round")
+    a("--offline", action="store_true", help="the control: every label on the base's samples, judged up front")
+    a("--seed", type=int, default=0, help="seed of the training samples and of train_kto.py (the evaluation seeds stay fixed)")
+    a("--sample_steps", type=int, default=20, help="denoising steps of every sample")
+    a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of every sample")
+    a("--batch_size", type=int, default=32, help="images per pipeline call (kept on a rerun: rounding may depend on it)")
+    for flag in TRAINER_FLAGS:  # passed to train_kto.py when given; else its defaults (the paper's)
+        a(f"--{flag}", type=float if flag in ("lr", "beta", "desirable_share") else int, default=None,
+          help=f"train_kto.py --{flag} (default: train_kto.py's)" + ("; also the sampling size" if flag == "resolution" else ""))
+    a("--save_every", type=int, default=100, help="train_kto.py checkpoint interval within a round (one is always written at its end)")
+    a("--train_args", default="", help="more train_kto.py flags, one string, e.g. '--utility loss_averse'")
+    a("--cache_dir", default="", help="train_kto.py's latent cache; '' = OUT/cache")
+    a("--poll", type=float, default=5.0, help="--judge person: seconds between looks at the labels file")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# the phases of a round, each of which leaves a file that says it is done
+
+def image_name(i, seed):
+    return f"{i:04d}_s{seed}.png"
+
+
+def generate_images(pipe_for, prompts, seeds, folder, args, autocast, what):
+    """Every (prompt, seed) image not yet in `folder`, with its caption beside it. Always in the same batches
+    (prompt-major, --batch_size), and only whole batches are made again, so a rerun makes the same images."""
+    jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    batches = [jobs[k:k + args.batch_size] for k in range(0, len(jobs), args.batch_size)]
+    done = lambda i, s: os.path.exists(os.path.join(folder, image_name(i, s)))
+    todo = [b for b in batches if not all(done(i, s) for i, s in b)]
+    for batch in tqdm(todo, desc=f"generate {what}"):
+        pipe = pipe_for()
+        with autocast():
+            images = generate_batch(pipe, [(prompts[i], s) for i, s in batch], args.sample_steps, args.guidance,
+                                    args.resolution)
+        for (i, s), image in zip(batch, images):
+            caption = os.path.join(folder, image_name(i, s)[:-4] + ".txt")
+            if not os.path.exists(caption):  # the caption first: an image on disk always has its caption
+                with atomic_path(caption) as tmp, open(tmp, "w") as f:
+                    f.write(prompts[i] + "\n")
+            if not done(i, s):  # what is on disk stays as it is
+                save_png(image, os.path.join(folder, image_name(i, s)))
+
+
+def score_files(scorer, paths, texts, batch=64):
+    """The scorer's numbers for images on disk (what was saved is what is judged, after a rerun too). (N,)"""
+    out = []
+    for k in range(0, len(paths), batch):
+        images = [Image.open(p).convert("RGB") for p in paths[k:k + batch]]
+        out += [float(v) for v in scorer(images, texts[k:k + batch])]
+    return np.array(out)
+
+
+def judge_labels(scorer, folder, prompts, seeds, share):
+    """The judge's labels: per prompt, the top `share` of its K images liked, the bottom share disliked (ties in
+    seed order). Written as folder/metadata.jsonl, train_kto.py's format, whole or absent."""
+    names = [image_name(i, s) for i in range(len(prompts)) for s in seeds]
+    texts = [prompts[i] for i in range(len(prompts)) for _ in seeds]
+    scores = score_files(scorer, [os.path.join(folder, n) for n in names], texts).reshape(len(prompts), len(seeds))
+    n = max(1, round(share * len(seeds)))
+    rows = []
+    for i in range(len(prompts)):
+        order = np.argsort(-scores[i], kind="stable")  # best first
+        for rank, j in enumerate(order):
+            label = "liked" if rank < n else "disliked" if rank >= len(seeds) - n else None
+            if label:
+                rows.append({"file_name": image_name(i, seeds[j]), "text": prompts[i], "label": label,
+                             "score": float(scores[i, j])})
+    with atomic_path(os.path.join(folder, "metadata.jsonl")) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows, float(scores.mean())
+
+
+def person_labels(folder, names, poll):
+    """Wait until label.py has a label for every image of the round (liked, disliked, or a skip in its journal),
+    looking every `poll` seconds; returns the liked and disliked rows of its metadata.jsonl."""
+    print(f"label this round's {len(names)} images in the browser, then this run goes on by itself:\n"
+          f"    python label.py {folder}", flush=True)
+    bar = tqdm(total=len(names), desc="labelled by you")
+    while True:
+        rows = read_jsonl(os.path.join(folder, "metadata.jsonl"))
+        decided = {os.path.normpath(r["file_name"]): r for r in rows if isinstance(r.get("file_name"), str)}
+        stack = []  # label.py's journal, replayed as it does: a decision pushes, an undo pops; skips live only here
+        for r in read_jsonl(os.path.join(folder, ".label_journal.jsonl")):
+            stack = stack[:-1] if r.get("undo") else stack + [r] if isinstance(r.get("item"), list) else stack
+        skipped = {os.path.normpath(r["item"][0]) for r in stack if len(r["item"]) == 1 and r.get("choice") == "skip"}
+        done = sum(n in decided or n in skipped for n in names)
+        bar.update(done - bar.n)
+        if done == len(names):
+            bar.close()
+            return [r for r in decided.values() if r.get("label") in ("liked", "disliked")]
+        time.sleep(poll)
+
+
+def read_jsonl(path):
+    """The JSON objects of a .jsonl file; [] while it is missing or unreadable (another process writes it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [r for r in rows if isinstance(r, dict)]
+    except (OSError, ValueError):
+        return []
+
+
+def label_round(rdir, judge, prompts, seeds, args, r):
+    """Phase 2; round_r/labels.json (counts and the judge's mean score of the round's samples) marks it done."""
+    path = os.path.join(rdir, "labels.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    folder = os.path.join(rdir, "images")
+    if judge is None:
+        names = [image_name(i, s) for i in range(len(prompts)) for s in seeds]
+        rows, mean = person_labels(folder, names, args.poll), None
+    else:
+        rows, mean = judge_labels(next(iter(judge.values())), folder, prompts, seeds, args.like_share)
+    counts = {y: sum(row["label"] == y for row in rows) for y in ("liked", "disliked")}
+    if min(counts.values()) == 0:
+        fail(f"round {r}: {counts['liked']} liked and {counts['disliked']} disliked images; KTO needs both "
+             f"(label some of each in {folder}, then rerun)")
+    summary = dict(counts, samples=len(prompts) * len(seeds), judge_samples_mean=mean)
+    write_json(summary, path, indent=1)
+    print(f"round {r}: {counts['liked']} liked, {counts['disliked']} disliked of {summary['samples']} samples"
+          + (f"; judge mean on them {mean:.4g}" if mean is not None else ""))
+    return summary
+
+
+def final_checkpoint(rdir, steps):
+    return os.path.join(rdir, "train", "checkpoints", f"step_{steps:07d}")
+
+
+def train_round(rdir, data, init_from, args, r):
+    """Phase 3: N steps of train_kto.py; done once its step-N checkpoint is there and whole."""
+    final = final_checkpoint(rdir, args.steps)
+    if os.path.isdir(final) and common.checkpoint_problem(final) is None:
+        return final
+    argv = ["--pretrained", args.pretrained, "--data", data, "--out_dir", os.path.join(rdir, "train"),
+            "--max_steps", str(args.steps), "--seed", str(1000 * args.seed + r), "--val_every", "-1",
+            "--save_every", str(args.save_every), "--cache_dir", args.cache_dir or os.path.join(args.out, "cache"),
+            "--resume"]  # a killed round continues from its checkpoints; a new one starts at step 0
+    argv += ["--init_from", init_from] if init_from else []
+    argv += [x for f in TRAINER_FLAGS if getattr(args, f) is not None for x in (f"--{f}", str(getattr(args, f)))]
+    train_kto.main(argv + shlex.split(args.train_args))
+    return final
+
+
+def evaluate_round(pipe, eval_prompts, scorers, args, autocast):
+    """Phase 4: every scorer on the evaluation set's images ({name: (P, E) list})."""
+    seeds = [EVAL_SEED + s for s in range(args.eval_seeds)]
+    with autocast():
+        rows = generate(pipe, eval_prompts, seeds, args.sample_steps, args.guidance, args.resolution, args.batch_size)
+    images = [im for row in rows for im in row]
+    texts = [p for p in eval_prompts for _ in seeds]
+    return {name: np.array([float(v) for k in range(0, len(images), 64) for v in fn(images[k:k + 64], texts[k:k + 64])])
+            .reshape(len(eval_prompts), len(seeds)).tolist() for name, fn in scorers.items()}
+
+
+def round_record(r, labels, scores, base_scores, judge_name, fidelity_name):
+    """One line of rounds.jsonl: the round's samples (labels) and the evaluation of the weights it ended with."""
+    rec = {"round": r, "model": "base" if r == 0 else f"after round {r}"}
+    if labels:
+        rec.update(liked=labels["liked"], disliked=labels["disliked"], judge_samples_mean=labels["judge_samples_mean"])
+    if judge_name:
+        s, base = np.array(scores[judge_name]), np.array(base_scores[judge_name])  # (P, E)
+        rec["judge_eval_mean"] = float(s.mean())
+        rec["like_rate"] = float((s > np.median(base, axis=1, keepdims=True)).mean())
+    if fidelity_name:
+        s = np.array(scores[fidelity_name], dtype=np.float64)
+        rec["fidelity_eval_mean"] = float(np.nanmean(s)) if not np.isnan(s).all() else None
+    return rec
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    args.out = os.path.abspath(args.out)  # train_kto --resume compares its --data and --init_from paths as strings
+    t0 = time.time()
+    if not 0 < args.like_share <= 0.5 or 2 * max(1, round(args.like_share * args.k)) > args.k:
+        fail(f"--like_share {args.like_share} of --k {args.k} images: liked and disliked must not overlap (0 < share <= 0.5)")
+    if args.rounds < 1 or args.steps < 1 or args.k * args.rounds > SEEDS_PER_RUN:
+        fail(f"--rounds {args.rounds}, --steps {args.steps}, --k {args.k}: want R >= 1, N >= 1, R x K <= {SEEDS_PER_RUN}")
+    read = lambda spec: load_prompts(spec) if os.path.isfile(spec) else [x.strip() for x in spec.split("|") if x.strip()]
+    prompts = read(args.prompts)[:args.max_prompts]
+    eval_prompts = read(args.eval_prompts) if args.eval_prompts else prompts
+    if not prompts or not eval_prompts:
+        fail(f"no prompts in --prompts {args.prompts!r}" + (f" or --eval_prompts {args.eval_prompts!r}" if args.eval_prompts else ""))
+
+    # -------------------------------------------------------------------------
+    # device, judge and fidelity scorers (before any sampling: one that cannot load stops the run now)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = common.autocast_for(device, common.resolve_precision("auto", device.type == "cuda"))
+    scorer_args = evaluate_defaults(["--prompts", "-", "--out", "-"])  # the named scorers' model ids
+    person = args.judge == "person"
+    judge = None if person else load_scorers([args.judge], scorer_args, device)
+    fidelity = load_scorers([args.fidelity], scorer_args, device) if args.fidelity else {}
+    judge_name, fidelity_name = (None if person else scorer_name(args.judge)), (scorer_name(args.fidelity) if args.fidelity else None)
+    if judge_name and judge_name == fidelity_name:
+        fail(f"--judge and --fidelity are both {judge_name}: the fidelity check must be another score")
+    scorers = {**(judge or {}), **fidelity}
+    scheduler = load_scheduler(args.pretrained)
+
+    # the run's settings: a rerun must keep them (more rounds are fine online: rounds done stay valid)
+    os.makedirs(args.out, exist_ok=True)
+    run = {k: v for k, v in vars(args).items() if k not in ("poll", "out") and (k != "rounds" or args.offline)}
+    run.update(prompts=prompts, eval_prompts=eval_prompts)
+    run_path = os.path.join(args.out, "run.json")
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            old = json.load(f)
+        changed = [k for k in run if old.get(k) != run[k]]
+        if changed:
+            fail(f"{args.out} was made with other {', '.join('--' + k for k in changed)}: use another --out, or the same flags")
+    write_json(run, run_path, indent=1)
+    print(f"{'offline' if args.offline else 'online'} Diffusion-KTO: {args.rounds} rounds x {len(prompts)} prompts x "
+          f"{args.k} images, {args.steps} steps a round; judge {args.judge}, fidelity {args.fidelity or 'none'}; "
+          f"evaluation {len(eval_prompts)} prompts x {args.eval_seeds} seeds; {device}")
+
+    round_dir = lambda r: os.path.join(args.out, f"round_{r:03d}")
+    round_seeds = lambda r: [args.seed * SEEDS_PER_RUN + (r - 1) * args.k + j for j in range(args.k)]
+    weights = lambda r: final_checkpoint(round_dir(r), args.steps) if r > 0 else None  # the model round r ended with
+    loaded = {}  # one pipeline in memory at a time: {weights: pipeline}
+
+    def pipe_for(source):
+        if source not in loaded:
+            loaded.clear()
+            loaded[source] = load_pipeline(args.pretrained, source, scheduler, device, torch.float32)
+        return loaded[source]
+
+    def sample_and_label(r, source):
+        rdir = round_dir(r)
+        os.makedirs(os.path.join(rdir, "images"), exist_ok=True)
+        if not os.path.exists(os.path.join(rdir, "labels.json")):
+            generate_images(lambda: pipe_for(source), prompts, round_seeds(r), os.path.join(rdir, "images"), args,
+                            autocast, f"round {r} ({'base' if source is None else 'round ' + str(r - 1) + ' weights'})")
+        return label_round(rdir, judge, prompts, round_seeds(r), args, r)
+
+    # -------------------------------------------------------------------------
+    # offline: every label up front, on the base's samples; they are trained on together in every round
+    labels, data = {}, None
+    if args.offline:
+        for r in range(1, args.rounds + 1):
+            labels[r] = sample_and_label(r, None)
+        data = os.path.join(args.out, "offline_labels.jsonl")
+        if not os.path.exists(data):  # written once: its rows are relative to OUT, round_r/images/NAME
+            rows = [dict(row, file_name=f"round_{r:03d}/images/{row['file_name']}") for r in labels
+                    for row in read_jsonl(os.path.join(round_dir(r), "images", "metadata.jsonl"))
+                    if row.get("label") in ("liked", "disliked")]
+            with atomic_path(data) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    # -------------------------------------------------------------------------
+    # the rounds: evaluate the weights of round r (0: the base), then round r+1 samples, labels, trains
+    records = []
+    for r in range(0, args.rounds + 1):
+        eval_path = os.path.join(round_dir(r), "eval.json")
+        if not os.path.exists(eval_path):
+            os.makedirs(round_dir(r), exist_ok=True)
+            scores = evaluate_round(pipe_for(weights(r)), eval_prompts, scorers, args, autocast) if scorers else {}
+            write_json(scores, eval_path)
+        with open(eval_path) as f:
+            scores = json.load(f)
+        if r == 0:
+            base_scores = scores
+        records.append(round_record(r, labels.get(r), scores, base_scores, judge_name, fidelity_name))
+        print(f"round {r} ({records[-1]['model']}): " + " | ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in records[-1].items() if k not in ("round", "model")))
+        with atomic_path(os.path.join(args.out, "rounds.jsonl")) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+        if r == args.rounds:
+            break
+        if not args.offline:
+            labels[r + 1] = sample_and_label(r + 1, weights(r))
+        loaded.clear()  # the sampler leaves memory before the trainer loads its models
+        train_round(round_dir(r + 1), data or os.path.join(round_dir(r + 1), "images"), weights(r), args, r + 1)
+    print(f"done: {args.rounds} rounds in {args.out} (rounds.jsonl; this invocation took {time.time() - t0:.0f} s)")
+    return records
+
+
+if __name__ == "__main__":
+    main()
