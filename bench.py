@@ -318,9 +318,16 @@ def main(argv=None):
                            cwd=ROOT, check=True)
             print(f"built the {args.size} model with random weights in {time.time() - t0:.1f}s: {pipe_dir}")
         if not args.lora_rank:  # a full fine-tune holds weights, gradients and the fp32 reference: does it fit here?
-            weights = sum(os.path.getsize(os.path.join(pipe_dir, "unet", f)) for f in os.listdir(os.path.join(pipe_dir, "unet"))
-                          if f.endswith(".safetensors"))
-            need = 3 * weights + (2 * weights if args.optimizer == "adamw" else weights // 100)  # Adafactor: ~1% of it
+            from safetensors import safe_open
+            import common
+            shapes = []
+            for f in sorted(os.listdir(os.path.join(pipe_dir, "unet"))):
+                if f.endswith(".safetensors"):
+                    with safe_open(os.path.join(pipe_dir, "unet", f), "pt") as sf:  # the header only
+                        shapes += [sf.get_slice(k).get_shape() for k in sf.keys()]
+            params = [torch.empty(shape, device="meta") for shape in shapes]
+            weights = 4 * sum(p.numel() for p in params)
+            need = 3 * weights + common.optimizer_state_bytes(args.optimizer, params)
             have = torch.cuda.get_device_properties(0).total_memory if cuda else \
                 os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             print(f"full fine-tune: weights, gradients and reference {3 * weights / 2**30:.1f} GB + {args.optimizer} state "
