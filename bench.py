@@ -3,6 +3,7 @@
     python bench.py --size small                         # DPO, full fine-tune; target: efficiency >= 0.85 on 2 cores
     python bench.py --size small --algo kto --ref_point mismatched
     python bench.py --size sd15 --steps 3 --warmup 1     # the real SD1.5 UNet: LoRA + gradient checkpointing, 128 px
+    python bench.py --size sdxl --precision bf16 --steps 3 --warmup 1   # the real SDXL UNet, likewise, bf16 autocast
 
 For the named size (random weights, toy/models.py), on the current device (CUDA if available):
 1. the real step: train_dpo.main (or train_kto.main) runs in this process on a synthetic Pick-a-Pic
