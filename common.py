@@ -40,7 +40,7 @@ def atomic_path(path):
         for f in ([os.path.join(tmp, n) for n in os.listdir(tmp)] if os.path.isdir(tmp) else [tmp]):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if os.path.isdir(path):
+        if os.path.isdir(tmp) and os.path.isdir(path):  # a folder replaces a folder; a file never removes one
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
@@ -62,6 +62,22 @@ def write_json(obj, path, **kw):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, **kw)
+
+
+def read_jsonl(path):
+    """The JSON objects of a JSONL file, [] while it does not exist yet; a torn last line (a kill mid-append) and
+    blank lines are left out. A path that cannot be read (a folder, no permission) raises."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+    except FileNotFoundError:
+        return []
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def sha256_file(path, block=1 << 20):

@@ -61,11 +61,12 @@ def generate(pipe, prompts, seeds, steps=50, guidance=7.5, resolution=None, batc
     return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
 
 
-def save_png(image, path):
-    """Write then rename: a reader, or a rerun that skips images on disk, never sees half a PNG."""
+def save_png(image, path, pnginfo=None):
+    """Write then rename: a reader, or a rerun that skips images on disk, never sees half a PNG. pnginfo: text
+    chunks to embed (label.py writes the prompt the way AUTOMATIC1111 does)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
 
 
 def save_grid(rows, path, columns=None, prompts=None, min_cell=0):

@@ -36,7 +36,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
 
-from common import atomic_path, fail
+from common import atomic_path, fail, read_jsonl
 from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, parse_label
 
 JOURNAL, METADATA, PAIRS = ".label_journal.jsonl", "metadata.jsonl", "pairs.jsonl"
@@ -49,18 +49,6 @@ def write_lines(path, lines):
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)
-
-
-def read_jsonl(path):
-    """The JSON objects of a JSONL file; a torn last line (a kill mid-append) and blank lines are left out."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass
-    return [r for r in rows if isinstance(r, dict)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +307,7 @@ def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidan
     chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds."""
     import torch
     from PIL.PngImagePlugin import PngInfo
-    from evaluate import generate_batch, load_prompts
+    from evaluate import generate_batch, load_prompts, save_png
     from model import load_pipeline, load_scheduler, model_kind
     kind = model_kind(model) if os.path.isdir(model) else None
     if os.path.isdir(model) and kind is None:
@@ -349,8 +337,7 @@ def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidan
             info = PngInfo()
             info.add_text("parameters", f"{prompts[i]}\nSteps: {steps}, CFG scale: {guidance}, Seed: {s}, "
                                         f"Size: {image.width}x{image.height}, Model: {tag}")
-            image.save(path(i, s) + ".tmp", format="PNG", pnginfo=info)  # renamed once whole
-            os.replace(path(i, s) + ".tmp", path(i, s))
+            save_png(image, path(i, s), pnginfo=info)  # renamed once whole
         print(f"generate: {k + len(batch)}/{len(todo)} ({time.time() - t0:.0f} s)", flush=True)
 
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import common
 import train_kto
-from common import atomic_path, fail, write_json
+from common import atomic_path, fail, read_jsonl, write_json
 from evaluate import generate, generate_batch, load_prompts, parse_args as evaluate_defaults, save_png
 from model import load_pipeline, load_scheduler
 from scorers import load_scorers, scorer_name
@@ -158,16 +158,6 @@ def person_labels(folder, names, poll):
             bar.close()
             return [r for r in decided.values() if r.get("label") in ("liked", "disliked")]
         time.sleep(poll)
-
-
-def read_jsonl(path):
-    """The JSON objects of a .jsonl file; [] while it is missing or unreadable (another process writes it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [r for r in rows if isinstance(r, dict)]
-    except (OSError, ValueError):
-        return []
 
 
 def label_round(rdir, judge, prompts, seeds, args, r):
