@@ -258,7 +258,7 @@ def run_floor(args, pipe_dir):
         cond.update(text_embeds=torch.randn(n, pooled, device=ctx.device),
                     time_ids=torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2] * n, device=ctx.device,
                                           dtype=torch.float32))
-    rolled = model.roll_prompts(cond)
+    rolled = {k: v if k == "time_ids" else v.roll(1, dims=0) for k, v in cond.items()}  # other images' prompts
 
     def step():
         for _ in range(args.accum):

@@ -108,24 +108,34 @@ def autocast_for(device, precision):
     return nullcontext
 
 
-def setup(seed, precision="auto"):
+DIST_TIMEOUT_MINUTES = 30
+
+
+def setup(seed, precision="auto", timeout_minutes=DIST_TIMEOUT_MINUTES):
     """Read torchrun's environment; nccl on CUDA, gloo on CPU, so the same code is testable without a GPU.
 
     Precision (--precision; auto = bf16 on CUDA, fp32 on the CPU): under bf16, trainable weights (and the
     full fine-tune's reference, see model.prepare_policy) stay fp32 and forwards run under bf16 autocast
-    (bf16 has fp32's range, so no loss scaling); the text encoders, and the VAE where its config allows,
-    are held in bf16: their outputs are cached once. On the CPU bf16 runs the same path under CPU autocast
+    (bf16 has fp32's range, so no loss scaling); the text encoders, the VAE where its config allows and a
+    LoRA run's frozen UNet are held in bf16. On the CPU bf16 runs the same path under CPU autocast
     (a real speed-up where the CPU has avx512_bf16), so the tests exercise it; fp32 is exact everywhere.
+
+    NCCL's one device is CUDA: every tensor handed to a collective must live on ctx.device (a CPU tensor
+    raises "No backend type associated with device type cpu"), and tests/device_twin.py checks this on the
+    CPU. The process-group timeout (--dist_timeout, 30 minutes; NCCL's default is 10) bounds how long ranks
+    wait for each other: the longest wait by design is the others waiting at a barrier while rank 0 writes
+    a checkpoint (a full SDXL fine-tune with AdamW: 31 GB written and hashed) or draws a validation grid.
     """
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     cuda = torch.cuda.is_available()
     precision = resolve_precision(precision, cuda)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
+    if world > 1:
+        from datetime import timedelta
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     torch.manual_seed(seed)
     ctx = SimpleNamespace(rank=rank, world=world, master=rank == 0, device=device, cuda=cuda, precision=precision,
                           dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -135,7 +145,7 @@ def setup(seed, precision="auto"):
 
 
 def all_reduce_sum(t):
-    """Sum a tensor over ranks (identity in one process). Every rank must call it."""
+    """Sum a tensor over ranks (identity in one process). Every rank must call it, with `t` on its device."""
     if dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)
@@ -143,8 +153,12 @@ def all_reduce_sum(t):
 
 
 def barrier():
+    """Wait for every rank. NCCL is told the device (without it, it guesses one from the rank)."""
     if dist.is_initialized():
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def cleanup():
@@ -385,37 +399,51 @@ def latest_checkpoint_name(out_dir):
 # logging
 
 class Meter:
-    """Averages metric dicts over micro-steps; `reduce` then averages them over ranks in one all-reduce."""
+    """Metrics as means over images (or pairs), not means of micro-batch means.
+
+    `add` takes a dict of tensors on the process's device: a (B,) tensor holds one value per sample, NaN where
+    the metric does not apply (a disliked image has no `reward_d`); a scalar counts once (the micro-batch's loss,
+    a mean over equal-sized micro-batches). Sums and counts stay on the device until `reduce`, which sums them
+    over ranks in one all-reduce on that device (NCCL takes nothing else) and returns the step's means, a host
+    sync the loop needs anyway to stop on a non-finite loss. `window` returns the means over the images of every
+    step since the last call: what a log line reports."""
 
     def __init__(self):
-        self.sums = {}
+        self.sums, self.totals = {}, {}
 
     def add(self, metrics):
         for k, v in metrics.items():
-            v = v.float().reshape(())
-            self.sums[k] = self.sums.get(k, 0) + torch.nan_to_num(v, nan=0.0)
-            self.sums[k + "@n"] = self.sums.get(k + "@n", 0) + (~torch.isnan(v)).float()
+            v = v.detach().float().reshape(-1)
+            kept = ~torch.isnan(v)
+            s = torch.stack([torch.where(kept, v, torch.zeros_like(v)).sum(), kept.sum().float()])  # (2,) sum, count
+            self.sums[k] = self.sums[k] + s if k in self.sums else s
 
     def reduce(self):
         keys = sorted(self.sums)
-        values = all_reduce_sum(torch.stack([self.sums[k] for k in keys]).cpu()).tolist()  # host sync
-        totals = dict(zip(keys, values))
+        both = all_reduce_sum(torch.stack([self.sums[k] for k in keys])).tolist()  # (K, 2) on the device; host sync
         self.sums = {}
-        return {k: (totals[k] / totals[k + "@n"] if totals[k + "@n"] else float("nan"))
-                for k in keys if not k.endswith("@n")}
+        step = {}
+        for k, (total, n) in zip(keys, both):
+            t = self.totals.setdefault(k, [0.0, 0.0])
+            t[0], t[1] = t[0] + total, t[1] + n
+            step[k] = total / n if n else float("nan")
+        return step
+
+    def window(self):
+        means = {k: (total / n if n else float("nan")) for k, (total, n) in self.totals.items()}
+        self.totals = {}
+        return means
 
 
-def nanmean(values):
-    """Mean over the steps of a log window that have the metric: a class absent from a step's batch (KTO with
-    few images per step) reports NaN for that step, and must not blank the whole window."""
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
+def clip_gradients(params, max_norm):
+    """Clip the global gradient norm to max_norm (0: no clipping) and return the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
 
 
-def window_record(done, window, grad_norms, lr, samples, seconds, unit):
-    """One log record for the steps of a window: each metric's mean, the mean gradient norm, throughput."""
-    return {"step": done, **{k: nanmean([w[k] for w in window]) for k in window[0]},
-            "grad_norm": torch.stack(grad_norms).mean().item(), "lr": lr,  # host sync
+def window_record(done, means, grad_norms, lr, samples, seconds, unit):
+    """One log record for the steps of a window: each metric's mean over its images (Meter.window), the mean
+    gradient norm, throughput."""
+    return {"step": done, **means, "grad_norm": torch.stack(grad_norms).mean().item(), "lr": lr,  # host sync
             f"{unit}/s": round(samples / seconds, 3)}
 
 
@@ -462,6 +490,7 @@ def base_parser(description):
     a("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw; adafactor: factored second moments, as the official SDXL DPO run (small state)")
     a("--vae", default="", help="a replacement VAE (folder or hub id), e.g. the community fp16-fix VAE for SDXL; '' = the pipeline's own")
     a("--latent_cache", choices=["posterior", "mean", "none"], default="posterior", help="what the cache stores: each image's VAE posterior (sampled every step), its mean only (half the size; deviates from sampling), or nothing (encode on the fly)")
+    a("--dist_timeout", type=int, default=DIST_TIMEOUT_MINUTES, help="minutes ranks wait for each other before torch.distributed gives up (NCCL's default: 10)")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and every per-sample draw")
     a("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "diffusion-align"), help="where cached latents and text embeddings are kept (reused across runs)")
     a("--strict", action="store_true", help="stop at the first unreadable image instead of skipping and counting it")

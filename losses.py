@@ -1,7 +1,9 @@
 """The objectives of Diffusion-DPO, Diffusion-KTO and SFT, as pure functions.
 
 Read this file first: it is the whole method. Every function takes per-sample tensors and returns
-a scalar loss plus a dict of detached metrics; nothing here knows about models, data or processes.
+a scalar loss plus a dict of detached metrics, one value per sample (NaN where a metric does not apply to
+that sample), so that a log can average them over all the images of a step, however the step is split
+across processes and micro-batches; nothing here knows about models, data or processes.
 
 Notation (the papers'): x0 an image latent, c a prompt embedding, t ~ U{0..T-1}, eps ~ N(0, I),
 x_t = add_noise(x0, eps, t). The per-sample denoising error of a model m is
@@ -68,11 +70,11 @@ def dpo_loss(policy_err, ref_err, beta=5000.0):
     delta_ref = ref_w - ref_l  # (B,)
     u = -0.5 * beta * (delta_theta - delta_ref)  # (B,) the implicit reward margin, scaled
     loss = -F.logsigmoid(u).mean()  # log-sigmoid per pair, then the mean
-    metrics = {
-        "implicit_acc": (u > 0).float().mean(),  # share of pairs the policy already ranks right
-        "reward_margin": u.mean(),  # (beta/2) * mean(r_w - r_l); 0 at step 0
-        "policy_err_w": policy_w.mean(), "policy_err_l": policy_l.mean(),
-        "ref_err_w": ref_w.mean(), "ref_err_l": ref_l.mean(),
+    metrics = {  # per pair, (B,)
+        "implicit_acc": (u > 0).float(),  # averaged: the share of pairs the policy already ranks right
+        "reward_margin": u,  # (beta/2) * (r_w - r_l); 0 at step 0
+        "policy_err_w": policy_w, "policy_err_l": policy_l,
+        "ref_err_w": ref_w, "ref_err_l": ref_l,
     }
     return loss, {k: v.detach() for k, v in metrics.items()}
 
@@ -83,7 +85,7 @@ def sft_loss(policy_err):
     policy_err: (B,) errors of the preferred images only. No reference model is needed.
     """
     loss = policy_err.float().mean()
-    return loss, {"policy_err_w": loss.detach()}
+    return loss, {"policy_err_w": policy_err.detach().float()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,6 +107,9 @@ def kto_reference_point(reward, reduce_sum=None):
 
     reward: (B,) implicit rewards r = e_ref - e_theta of this process's samples: the batch's own
       (mode `batch`) or those of images paired with another image's prompt (mode `mismatched`).
+      All of this process's samples of the optimizer step, not one micro-batch: z_ref is one number per
+      step, the mean over the whole global batch, so the objective (and its gradient) does not depend on
+      how the step is split into processes and accumulation steps (train_kto.py explains the cost).
     reduce_sum: a callable that sums a tensor over all processes (e.g. an all_reduce), or None in
       a single process. The mean is formed from the global sum and count, so ranks with unequal
       batch sizes still get the true global mean. Keeping the collective outside this file keeps
@@ -147,16 +152,16 @@ def kto_loss(policy_err, ref_err, label, z_ref, beta=5000.0, utility="sigmoid", 
     else:
         loss = (-weight * utility_value).mean()
 
-    def class_mean(x, mask):  # mean over one class, nan when the class is absent from the batch
-        return x[mask].mean() if mask.any() else torch.full((), float("nan"), device=x.device)
+    def of_class(x, mask):  # (B,): x where the sample is of the class, NaN elsewhere (no host sync)
+        return torch.where(mask, x, torch.full_like(x, float("nan")))
 
-    metrics = {
-        "reward_acc": (u > 0).float().mean(),  # share of images already on the right side of z_ref
+    metrics = {  # per image, (B,), except the reference point
+        "reward_acc": (u > 0).float(),  # averaged: the share of images already on the right side of z_ref
         "ref_point": z_ref.detach().float(),
-        "reward_d": class_mean(reward, desirable), "reward_u": class_mean(reward, ~desirable),
-        "policy_err_d": class_mean(policy_err.float(), desirable),
-        "policy_err_u": class_mean(policy_err.float(), ~desirable),
-        "ref_err_d": class_mean(ref_err.float(), desirable), "ref_err_u": class_mean(ref_err.float(), ~desirable),
-        "desirable_share": desirable.float().mean(),
+        "reward_d": of_class(reward, desirable), "reward_u": of_class(reward, ~desirable),
+        "policy_err_d": of_class(policy_err.float(), desirable),
+        "policy_err_u": of_class(policy_err.float(), ~desirable),
+        "ref_err_d": of_class(ref_err.float(), desirable), "ref_err_u": of_class(ref_err.float(), ~desirable),
+        "desirable_share": desirable.float(),
     }
     return loss, {k: v.detach() for k, v in metrics.items()}

@@ -114,12 +114,6 @@ def denoise(unet, x_t, t, cond):
     return unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], **extra).sample
 
 
-def roll_prompts(cond):
-    """Each image with the previous image's prompt (KTO's mismatched reference point): the prompt's parts roll,
-    the image's own time ids stay."""
-    return {k: v if k == "time_ids" else v.roll(1, dims=0) for k, v in cond.items()}
-
-
 def add_lora(unet, rank):
     """peft LoRA adapters of rank `rank` on the attention projections (alpha = rank, so scale 1)."""
     from peft import LoraConfig

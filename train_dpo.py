@@ -43,7 +43,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # processes, device, precision
-    ctx = common.setup(args.seed, args.precision)
+    ctx = common.setup(args.seed, args.precision, args.dist_timeout)
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "pairs"))
 
@@ -117,12 +117,11 @@ def main(argv=None):
     prompts, seeds = common.val_prompts(args.val_prompts), list(range(args.val_seeds))
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not ctx.master, desc="training", dynamic_ncols=True)
-    window, grad_norms, t0 = [], [], time.time()
+    meter, grad_norms, t0 = common.Meter(), [], time.time()
     for step in bar:
         lr = common.lr_at(step, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        meter = common.Meter()
         for micro in range(accum):
             with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
                 lat_w, lat_l, cond_w, cond_l, eps, t = pair_batch(step, micro)
@@ -146,18 +145,17 @@ def main(argv=None):
         if not math.isfinite(stats["loss"]):
             common.fail(f"non-finite loss at step {step + 1}; stopping before the update. "
                         f"Last good checkpoint: {common.latest_checkpoint_name(args.out_dir)}")
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        grad_norms.append(common.clip_gradients(params, args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(stats)
         done, last = step + 1, step + 1 == args.max_steps
         if common.due(done, args.log_every, last):
-            record = common.window_record(done, window, grad_norms, lr, len(window) * args.global_batch,
+            record = common.window_record(done, meter.window(), grad_norms, lr, len(grad_norms) * args.global_batch,
                                           time.time() - t0, "pairs")
             if ctx.master:
                 common.log(args.out_dir, record, bar)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            window, grad_norms, t0 = [], [], time.time()
+            grad_norms, t0 = [], time.time()
         if common.due(done, args.save_every, last):
             if ctx.master:
                 common.save_checkpoint(args.out_dir, done, trainable_state(unet, args.lora_rank > 0), optimizer,

@@ -22,8 +22,7 @@ import common
 from cache import open_cache, stack_conditions
 from evaluate import validate
 from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
-from model import (denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, roll_prompts,
-                   trainable_state)
+from model import denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, trainable_state
 from public_data import load_singles
 
 # -----------------------------------------------------------------------------
@@ -33,8 +32,8 @@ parser = common.base_parser(__doc__.split("\n\n")[0])
 a = parser.add_argument
 a("--utility", choices=sorted(UTILITIES), default="sigmoid", help="utility U(u) of the paper's ablation (losses.py)")
 a("--ref_point", choices=["batch", "mismatched"], default="batch",
-  help="batch: max(0, mean reward of the batch) as the public code runs; mismatched: the mean reward of images "
-       "paired with another image's prompt, as the paper's text describes (one more no-grad forward of each model)")
+  help="batch: max(0, mean reward of the step's global batch) as the paper's run; mismatched: the mean reward of "
+       "images paired with another image's prompt, as the paper's text describes (one more no-grad forward of each model)")
 a("--desirable_share", type=float, default=0.8, help="gamma: probability that a drawn image is a liked one")
 a("--lambda_d", type=float, default=1.0, help="loss weight of liked (desirable) images")
 a("--lambda_u", type=float, default=1.0, help="loss weight of disliked (undesirable) images")
@@ -62,12 +61,12 @@ def main(argv=None):
     config = vars(args)
     if not 0.0 <= args.desirable_share <= 1.0:
         common.fail(f"--desirable_share must be in [0, 1], got {args.desirable_share}")
-    if args.ref_point == "mismatched" and args.micro_batch < 2:
-        common.fail("--ref_point mismatched pairs each image with another image's prompt: it needs --micro_batch >= 2")
+    if args.ref_point == "mismatched" and args.global_batch < 2:
+        common.fail("--ref_point mismatched pairs each image with another image's prompt: it needs --global_batch >= 2")
 
     # -------------------------------------------------------------------------
     # processes, device, precision
-    ctx = common.setup(args.seed, args.precision)
+    ctx = common.setup(args.seed, args.precision, args.dist_timeout)
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "images"))
 
@@ -113,71 +112,93 @@ def main(argv=None):
     if start_step >= args.max_steps:
         ctx.say(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
 
+    def sample(pos):
+        """Every random choice of the image at global position `pos`, from its own generator: (feedback row,
+        label +1/-1, flipped, the posterior draw, caption index (the empty one if dropped), eps, t)."""
+        g = common.sample_generator(args.seed, pos)
+        i, y = draw_image(g, desirable, undesirable, args.desirable_share)
+        flip = torch.rand((), generator=g).item() < 0.5 and args.random_flip
+        draw = torch.randn(latent_shape, generator=g)
+        dropped = torch.rand((), generator=g).item() < args.prompt_dropout
+        caption = cache.empty_caption if dropped else int(fb.caption_idx[i])
+        return i, y, flip, draw, caption, torch.randn(latent_shape, generator=g), torch.randint(0, num_timesteps, (), generator=g)
+
     def image_batch(step, micro):
-        """This rank's micro-batch: latents, conditioning, (eps, t) and labels of images drawn with share gamma."""
-        lat, cond, eps, t, label = [], [], [], [], []
+        """This rank's micro-batch: latents, conditioning, (eps, t), labels of images drawn with share gamma, and
+        for --ref_point mismatched each image's conditioning on another image's prompt: the previous image's in the
+        global batch (the last one's for the first), so the pairing is the same for any split of the step."""
+        lat, cond, other, eps, t, label = [], [], [], [], [], []
+        first = step * args.global_batch
         for pos in common.global_positions(step, args.global_batch, micro, ctx.rank, args.micro_batch, ctx.world):
-            g = common.sample_generator(args.seed, pos)
-            i, y = draw_image(g, desirable, undesirable, args.desirable_share)
-            flip = torch.rand((), generator=g).item() < 0.5 and args.random_flip
-            lat.append(cache.latent(int(fb.image[i]), flip, torch.randn(latent_shape, generator=g)))
-            dropped = torch.rand((), generator=g).item() < args.prompt_dropout
-            cond.append(cache.condition(cache.empty_caption if dropped else int(fb.caption_idx[i]), int(fb.image[i]), flip))
-            eps.append(torch.randn(latent_shape, generator=g))
-            t.append(torch.randint(0, num_timesteps, (), generator=g))
+            i, y, flip, draw, caption, e, tt = sample(pos)
+            image = int(fb.image[i])
+            lat.append(cache.latent(image, flip, draw))
+            cond.append(cache.condition(caption, image, flip))
+            if args.ref_point == "mismatched":  # the other image's prompt; for SDXL this image's own time ids
+                other.append(cache.condition(sample(first + (pos - first - 1) % args.global_batch)[4], image, flip))
+            eps.append(e)
+            t.append(tt)
             label.append(y)
-        cond = {k: v.to(ctx.device) for k, v in stack_conditions(cond).items()}
-        return [torch.stack(lat).to(ctx.device), cond] + [torch.stack(x).to(ctx.device) for x in (eps, t)] + \
-            [torch.tensor(label, device=ctx.device)]
+        on_device = lambda c: {k: v.to(ctx.device) for k, v in stack_conditions(c).items()} if c else None
+        return [torch.stack(lat).to(ctx.device), on_device(cond), on_device(other)] + \
+            [torch.stack(x).to(ctx.device) for x in (eps, t)] + [torch.tensor(label, device=ctx.device)]
 
     # -------------------------------------------------------------------------
-    # the loop: accumulate micro-batches, clip, step; log, save and validate at their intervals
+    # the loop: the step's reference point, then accumulate micro-batches, clip, step; log, save and validate
     prompts, seeds = common.val_prompts(args.val_prompts), list(range(args.val_seeds))
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                disable=not ctx.master, desc="training", dynamic_ncols=True)
-    window, grad_norms, t0 = [], [], time.time()
+    # with --ref_point batch and one micro-batch a step per process, the gradient pass gives the rewards too
+    one_pass = args.ref_point == "batch" and accum == 1
+    meter, grad_norms, t0 = common.Meter(), [], time.time()
     for step in bar:
         lr = common.lr_at(step, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        meter = common.Meter()
-        for micro in range(accum):
+        batches = [image_batch(step, micro) for micro in range(accum)]
+        # z_ref = max(0, mean reward) over the WHOLE global batch (losses.kto_reference_point), as in the paper's
+        # run (4 GPUs x 2 images, no accumulation), so the objective is the same for any split of the step. Every
+        # micro-step's loss needs it, so with accumulation (or --ref_point mismatched) a no-grad pass over the
+        # step's micro-batches comes first: it keeps the reference errors for the gradient pass (the reference
+        # runs once) and runs the policy once more without gradients (README, Benchmarks: what that costs).
+        ref_errs, rewards = [], []
+        with torch.no_grad(), ctx.autocast():
+            for x0, cond, other, eps, t, label in batches:
+                x_t, target = add_noise_and_target(noise_scheduler, x0, eps, t)
+                ref_errs.append(per_sample_error(reference(x_t, t, cond), target))  # (B,)
+                if args.ref_point == "mismatched":  # each image with another image's prompt, same x_t
+                    rewards.append(per_sample_error(reference(x_t, t, other), target) -
+                                   per_sample_error(denoise(unet, x_t, t, other), target))
+                elif not one_pass:  # the bare UNet: a no-grad forward needs no DDP hooks
+                    rewards.append(ref_errs[-1] - per_sample_error(denoise(unet, x_t, t, cond), target))
+        if not one_pass:
+            z_ref = kto_reference_point(torch.cat(rewards), reduce_sum=common.all_reduce_sum)  # all ranks, all images
+        for micro, (x0, cond, other, eps, t, label) in enumerate(batches):
             with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
-                x0, cond, eps, t, label = image_batch(step, micro)
                 x_t, target = add_noise_and_target(noise_scheduler, x0, eps, t)
                 with ctx.autocast():
-                    ref_err = per_sample_error(reference(x_t, t, cond), target)  # (B,) no grad
                     policy_err = per_sample_error(denoise(ddp_unet, x_t, t, cond), target)  # (B,)
-                    if args.ref_point == "batch":  # the rewards of the batch itself
-                        reward = ref_err - policy_err.detach()
-                    else:  # each image with the previous image's prompt, same x_t; the bare UNet needs no DDP hooks
-                        mismatched = roll_prompts(cond)
-                        with torch.no_grad():
-                            reward = per_sample_error(reference(x_t, t, mismatched), target) - \
-                                per_sample_error(denoise(unet, x_t, t, mismatched), target)
-                # z_ref over every rank's current micro-batch: the global batch when there is no accumulation
-                # (the paper's 4 GPUs x 2 images); with accumulation, over the images processed together
-                z_ref = kto_reference_point(reward, reduce_sum=common.all_reduce_sum)
-                loss, metrics = kto_loss(policy_err, ref_err, label, z_ref, args.beta, args.utility,
+                if one_pass:  # this rank's micro-batch is its whole share of the step: its rewards are these
+                    z_ref = kto_reference_point(ref_errs[micro] - policy_err.detach(), reduce_sum=common.all_reduce_sum)
+                loss, metrics = kto_loss(policy_err, ref_errs[micro], label, z_ref, args.beta, args.utility,
                                          args.lambda_d, args.lambda_u)
-                (loss / accum).backward()
+                (loss / accum).backward()  # the mean over the micro-batch; DDP then averages the ranks
             meter.add({"loss": loss.detach(), **metrics})
         stats = meter.reduce()  # host sync: one small all-reduce a step, so every rank sees a bad loss
         if not math.isfinite(stats["loss"]):
             common.fail(f"non-finite loss at step {step + 1}; stopping before the update. "
                         f"Last good checkpoint: {common.latest_checkpoint_name(args.out_dir)}")
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        grad_norms.append(common.clip_gradients(params, args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(stats)
         done, last = step + 1, step + 1 == args.max_steps
         if common.due(done, args.log_every, last):
-            record = common.window_record(done, window, grad_norms, lr, len(window) * args.global_batch,
+            record = common.window_record(done, meter.window(), grad_norms, lr, len(grad_norms) * args.global_batch,
                                           time.time() - t0, "images")
             if ctx.master:
                 common.log(args.out_dir, record, bar)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            window, grad_norms, t0 = [], [], time.time()
+            grad_norms, t0 = [], time.time()
         if common.due(done, args.save_every, last):
             if ctx.master:
                 common.save_checkpoint(args.out_dir, done, trainable_state(unet, args.lora_rank > 0), optimizer,

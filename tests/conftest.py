@@ -16,6 +16,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def torchrun(script, *args, nproc=2):
+    """The command line of `torchrun --standalone --nproc_per_node=N script ARGS` on the CPU, every rank under the
+    device twin (tests/device_twin.py): a collective handed a tensor on the host fails as it does on NCCL."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, "tests", "device_twin.py"), os.path.join(ROOT, script), *map(str, args)]
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A random-weight tiny StableDiffusionPipeline (32 px images, 8x8x4 latents) saved to a folder."""

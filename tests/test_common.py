@@ -1,4 +1,4 @@
-"""common.py's file habits: atomic writes and the JSONL reader.
+"""common.py: atomic writes, the JSONL reader, gradient clipping.
 
     python -m pytest -q tests/test_common.py
 """
@@ -32,3 +32,12 @@ def test_read_jsonl_skips_a_torn_line_and_raises_on_a_folder(tmp_path):
     assert read_jsonl(str(tmp_path / "missing.jsonl")) == []
     with pytest.raises(OSError):
         read_jsonl(str(tmp_path))
+
+
+def test_grad_clip_zero_disables_clipping_and_still_reports_the_norm():
+    import torch
+    from common import clip_gradients
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert clip_gradients([p], 0).item() == 5.0 and p.grad.tolist() == [3.0, 4.0]  # 0: no clipping (not "clip to 0")
+    assert clip_gradients([p], 1.0).item() == 5.0 and p.grad.norm().item() == pytest.approx(1.0)

@@ -14,7 +14,7 @@ def test_dpo_is_log2_when_policy_equals_reference():
     err = torch.rand(6)
     loss, m = dpo_loss(err, err.clone(), beta=5000)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
-    assert m["implicit_acc"].item() == 0.0 and m["reward_margin"].item() == 0.0
+    assert m["implicit_acc"].tolist() == [0.0] * 3 and m["reward_margin"].tolist() == [0.0] * 3  # per pair
 
 
 def test_dpo_matches_hand_computation():
@@ -27,8 +27,8 @@ def test_dpo_matches_hand_computation():
     expected = -(math.log(1 / (1 + math.exp(-u1))) + math.log(1 / (1 + math.exp(-u2)))) / 2
     loss, m = dpo_loss(policy, ref, beta=beta)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert m["implicit_acc"].item() == 0.5
-    assert m["reward_margin"].item() == pytest.approx((u1 + u2) / 2, rel=1e-5)
+    assert m["implicit_acc"].tolist() == [1.0, 0.0]
+    assert m["reward_margin"].tolist() == pytest.approx([u1, u2], rel=1e-5)
     # the diffusers port's parameterization (beta' = beta/2, no 1/2) is the same objective
     u = -(beta / 2) * ((policy[:2] - policy[2:]) - (ref[:2] - ref[2:]))
     assert torch.nn.functional.logsigmoid(u).mean().neg().item() == pytest.approx(loss.item(), rel=1e-6)
@@ -73,8 +73,10 @@ def test_kto_matches_hand_computation(utility):
         total += lam[y] * value
     loss, m = kto_loss(policy, ref, label, z, beta=beta, utility=utility, lambda_d=2.0, lambda_u=0.5)
     assert loss.item() == pytest.approx(total / 3, rel=1e-5)
-    assert m["reward_d"].item() == pytest.approx(0.02, rel=1e-4)
-    assert m["reward_u"].item() == pytest.approx((-0.02 + 0.02) / 2, abs=1e-6)
+    # per image, NaN where the image is of the other class: a log averages them over all the images of a step
+    assert m["reward_d"][0].item() == pytest.approx(0.02, rel=1e-4) and m["reward_d"][1:].isnan().all()
+    assert m["reward_u"][0].isnan() and m["reward_u"][1:].tolist() == pytest.approx([-0.02, 0.02], abs=1e-6)
+    assert m["desirable_share"].tolist() == [1.0, 0.0, 0.0] and m["ref_point"].item() == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize("utility", sorted(UTILITIES))

@@ -6,7 +6,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from public_data import load_singles
 import train_dpo
 import train_kto
 from cache import LatentCache, build_cache, open_cache
-from conftest import ROOT, write_pickapic
+from conftest import ROOT, torchrun, write_pickapic
 from model import encode_prompts, load_models
 
 
@@ -166,8 +165,7 @@ def test_two_ranks_equal_one_rank(tiny_sdxl_dir, tmp_path):
     common_args = ("--max_steps", "3", "--micro_batch", "1", "--lr", "1e-4")
     train_dpo.main(args_for(tiny_sdxl_dir, pairs, tmp_path / "one", cache, *common_args))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train_dpo.py"), *args_for(tiny_sdxl_dir, pairs, tmp_path / "two", cache, *common_args)],
+    proc = subprocess.run(torchrun("train_dpo.py", *args_for(tiny_sdxl_dir, pairs, tmp_path / "two", cache, *common_args)),
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     unet = lambda d: load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors"))

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dpo
-from conftest import ROOT, write_hpdv2, write_pickapic
+from conftest import ROOT, torchrun, write_hpdv2, write_pickapic
 
 
 def args_for(pipe, data, out, cache, *extra):
@@ -65,6 +65,17 @@ def test_lora_two_steps_loads_with_load_lora_weights(tiny_pipe_dir, pickapic, tm
     pipe.load_lora_weights(str(out))
     after = pipe.unet(x, t, emb).sample
     assert not torch.allclose(before, after)
+
+
+def test_grad_clip_zero_trains(tiny_pipe_dir, pickapic, tmp_path):
+    """--grad_clip 0 means no clipping: without weight decay the weights still move (clipping to norm 0 left them
+    exactly where they were), and the gradient norm is still logged."""
+    out = tmp_path / "out"
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "1", "--grad_clip", "0",
+                            "--weight_decay", "0"))
+    assert records(out)[0]["grad_norm"] > 0
+    base, tuned = unet_weights(tiny_pipe_dir), unet_weights(str(out))
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
 
 
 def test_sft_runs_without_a_reference(tiny_pipe_dir, pickapic, tmp_path):
@@ -176,8 +187,7 @@ def launch(args, nproc=1, **kw):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(ROOT, "train_dpo.py"), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(ROOT, "train_dpo.py"), *args]
+        cmd = torchrun("train_dpo.py", *args, nproc=nproc)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 import common
 import train_kto
-from conftest import COLORS, ROOT, write_hpdv2
+from conftest import COLORS, ROOT, torchrun, write_hpdv2
 from losses import add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 
 
@@ -163,9 +162,9 @@ def test_clear_errors(tiny_pipe_dir, likes, tmp_path):
     shutil.copytree(os.path.join(likes, "liked"), only_liked / "liked")
     with pytest.raises(SystemExit, match="no disliked images"):
         train_kto.main(args_for(tiny_pipe_dir, str(only_liked), tmp_path / "o", tmp_path / "c", "--max_steps", "1"))
-    with pytest.raises(SystemExit, match="needs --micro_batch >= 2"):
+    with pytest.raises(SystemExit, match="needs --global_batch >= 2"):
         train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "o", tmp_path / "c", "--max_steps", "1",
-                                "--ref_point", "mismatched", "--micro_batch", "1"))
+                                "--ref_point", "mismatched", "--global_batch", "1", "--micro_batch", "1"))
 
 
 def test_killed_during_save_then_resume_equals_uninterrupted(tiny_pipe_dir, likes, tmp_path, monkeypatch):
@@ -197,9 +196,8 @@ def test_two_ranks_equal_one_rank(tiny_pipe_dir, likes, tmp_path):
     cache = tmp_path / "cache"
     train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "one", cache, "--max_steps", "3", "--micro_batch", "4", "--lr", "1e-4"))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train_kto.py"),
-                           *args_for(tiny_pipe_dir, likes, tmp_path / "two", cache, "--max_steps", "3", "--lr", "1e-4")],
+    proc = subprocess.run(torchrun("train_kto.py", *args_for(tiny_pipe_dir, likes, tmp_path / "two", cache, "--max_steps", "3",
+                                                             "--lr", "1e-4")),
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for r1, r2 in zip(records(tmp_path / "one"), records(tmp_path / "two")):
