@@ -140,7 +140,11 @@ def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False, mod
     os.makedirs(folder, exist_ok=True)
     img_chunks = [(f"images-{c:06d}.safetensors", c * CHUNK, min(n_img, (c + 1) * CHUNK)) for c in range((n_img + CHUNK - 1) // CHUNK)]
     cap_chunks = [(f"texts-{c:06d}.safetensors", c * CHUNK, min(n_cap, (c + 1) * CHUNK)) for c in range((n_cap + CHUNK - 1) // CHUNK)]
-    todo = [ch for ch in (img_chunks + cap_chunks)[ctx.rank::ctx.world] if not os.path.exists(os.path.join(folder, ch[0]))]
+    # what is still missing, split evenly: a resumed build (some chunks already written) must not leave one rank
+    # with most of the work while the others wait at the barrier below (NCCL's watchdog ends a long wait)
+    missing = [ch for ch in img_chunks + cap_chunks if not os.path.exists(os.path.join(folder, ch[0]))]
+    barrier()  # every rank has listed the folder before any rank writes to it
+    todo = missing[ctx.rank::ctx.world]
     bar = tqdm(todo, desc=f"caching latents and embeddings (rank {ctx.rank})", disable=not ctx.master)
     for name, lo, hi in bar:
         if name.startswith("texts"):

@@ -175,7 +175,8 @@ def accumulation(global_batch, micro_batch, world):
 
 def describe_setup(ctx, global_batch, micro_batch, accum, unit):
     """The derived numbers and the reason for the dtype, printed once at the start."""
-    precision = (f"bf16 autocast on {ctx.device.type}, fp32 trainable weights and reference, bf16 text encoders"
+    precision = (f"bf16 autocast on {ctx.device.type}, fp32 trainable weights and full reference, bf16 text encoders "
+                 f"and LoRA's frozen UNet"
                  if ctx.precision == "bf16" else "fp32")
     return (f"{ctx.world} process(es) on {ctx.device.type}; global batch {global_batch} {unit} = {ctx.world} x micro-batch "
             f"{micro_batch} x {accum} accumulation steps; {precision}")

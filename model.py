@@ -129,11 +129,19 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
     - full fine-tune: a frozen copy held in fp32, like the policy's weights, and run under the same autocast
       (a copy held in bf16 is not the policy: measured on the trained toy base under bf16 autocast, the
       step-0 DPO loss was 0.936 instead of log 2; held in fp32 the errors were bitwise equal);
-    - LoRA: the same module with its adapters disabled, exact by construction and free in memory.
+    - LoRA: the same module with its adapters disabled, exact by construction and free in memory. Under bf16 the
+      frozen base is held in bf16 (half the memory; autocast casts every matmul's weights to bf16 anyway, as the
+      diffusers LoRA scripts hold it in the training dtype), the adapters in fp32; policy and reference share the
+      base, so step 0 stays exact.
     """
     if lora_rank > 0:
         unet.requires_grad_(False)
+        if ctx.precision == "bf16":
+            unet.to(torch.bfloat16)
         add_lora(unet, lora_rank)
+        for p in unet.parameters():
+            if p.requires_grad:  # the adapters: trainable weights stay fp32
+                p.data = p.data.float()
 
         def reference(x_t, t, cond):
             unet.disable_adapters()  # always the unwrapped module: a no-grad forward needs no DDP hooks
@@ -162,7 +170,9 @@ def memory_plan(models, params, lora, optimizer_name, need_reference, keep_froze
     n_train = sum(p.numel() for p in params)
     n_unet = sum(p.numel() for p in models.unet.parameters()) - (n_train if lora else 0)
     frozen = size(models.vae) + size(models.text_encoder) + size(models.text_encoder_2)
-    rows = [("UNet weights (fp32)" if not lora else "UNet weights, frozen (fp32)", 4 * n_unet)]
+    frozen_bytes = 2 if lora and ctx.precision == "bf16" else 4  # LoRA under bf16 holds its frozen base in bf16
+    rows = [("UNet weights (fp32)" if not lora else f"UNet weights, frozen ({'bf16' if frozen_bytes == 2 else 'fp32'})",
+             frozen_bytes * n_unet)]
     if lora:
         rows.append(("LoRA weights (fp32)", 4 * n_train))
     rows += [("gradients (fp32)", 4 * n_train),

@@ -78,8 +78,9 @@ def test_bf16_step_one_is_exact(trained_dir, tmp_path, lora, capsys):
     extra = ("--max_steps", "2", "--precision", "bf16", "--lora_rank", str(lora))
     train_dpo.main(args_for(trained_dir, pairs, tmp_path / "dpo", tmp_path / "cache", *extra))
     printed = capsys.readouterr().out
-    assert "bf16 autocast on cpu, fp32 trainable weights and reference" in printed
+    assert "bf16 autocast on cpu, fp32 trainable weights and full reference" in printed
     assert "memory plan per process (sd, bf16)" in printed
+    assert ("UNet weights, frozen (bf16)" in printed) == bool(lora)  # LoRA holds its frozen base in bf16
     first = records(tmp_path / "dpo")[0]
     assert first["loss"] == math.log(2) or first["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert first["reward_margin"] == 0.0 and first["implicit_acc"] == 0.0
@@ -100,3 +101,12 @@ def test_fp32_and_bf16_agree_roughly(trained_dir, tmp_path):
     a, b = records(tmp_path / "fp32")[0], records(tmp_path / "bf16")[0]
     assert a["policy_err_w"] == pytest.approx(b["policy_err_w"], rel=0.05)
     assert a["policy_err_w"] != b["policy_err_w"]
+
+
+def test_lora_under_bf16_holds_its_base_in_bf16_and_its_adapters_in_fp32(trained_dir):
+    ctx = common.setup(0, "bf16")
+    unet = load_models(trained_dir, ctx).unet
+    params, _ = prepare_policy(unet, 4, False, ctx)
+    assert params and all(p.dtype == torch.float32 for p in params)
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
