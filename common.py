@@ -444,8 +444,11 @@ def clip_gradients(params, max_norm):
 def window_record(done, means, grad_norms, lr, samples, seconds, unit):
     """One log record for the steps of a window: each metric's mean over its images (Meter.window), the mean
     gradient norm, throughput."""
-    return {"step": done, **means, "grad_norm": torch.stack(grad_norms).mean().item(), "lr": lr,  # host sync
-            f"{unit}/s": round(samples / seconds, 3)}
+    record = {"step": done, **means, "grad_norm": torch.stack(grad_norms).mean().item(), "lr": lr,  # host sync
+              f"{unit}/s": round(samples / seconds, 3)}
+    if torch.cuda.is_available():  # this process's peak since the start (rank 0's, in the log)
+        record["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+    return record
 
 
 def log(out_dir, record, bar=None):

@@ -136,8 +136,8 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
     """
     if lora_rank > 0:
         unet.requires_grad_(False)
-        if ctx.precision == "bf16":
-            unet.to(torch.bfloat16)
+        if ctx.precision == "bf16":  # (torch's Module.to: diffusers' own warns about modules kept in fp32; the UNet has none)
+            torch.nn.Module.to(unet, torch.bfloat16)
         add_lora(unet, lora_rank)
         for p in unet.parameters():
             if p.requires_grad:  # the adapters: trainable weights stay fp32

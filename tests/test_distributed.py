@@ -7,6 +7,7 @@ reference point over the global batch at any split of a step, and a few things e
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,3 +110,15 @@ def test_a_kto_step_has_one_gradient_at_every_split(tiny_pipe_dir, likes, tmp_pa
         assert diff <= 1e-5 * flat(ref).abs().max().item(), (name, diff, flat(ref).abs().max().item())  # fp32 rounding
         for key in ("loss", "ref_point", "reward_acc", "reward_d", "reward_u", "policy_err_d", "policy_err_u", "desirable_share"):
             assert logs[name][key] == pytest.approx(ref_log[key], rel=1e-5, abs=1e-7), (name, key)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_prints_its_table(tmp_path):
+    """tools/gpu_check.py, the one command a person with a CUDA GPU runs, runs here on the CPU with tiny models:
+    every run of its table (2-process ones included) finishes, exact at step 1."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--dry_run", "--out", str(tmp_path),
+                           "--steps", "3"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    with open(tmp_path / "gpu_check.md") as f:
+        rows = [line for line in f if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 10 and all("| yes |" in row for row in rows), rows
