@@ -354,12 +354,7 @@ def resume(out_dir, optimizer, config, resume_keys, say=print):
     if changed:
         fail(f"cannot resume {folder}: it was trained with other " + ", ".join(
             f"--{k} ({state['config'].get(k)} there, {config.get(k)} now)" for k in changed))
-    opt_state = {}
-    for key, v in [*load_file(os.path.join(folder, "optimizer.safetensors")).items(),
-                   *state.get("optimizer_scalars", {}).items()]:
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    optimizer.load_state_dict({"state": optimizer_state(folder, state), "param_groups": state["param_groups"]})
     torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["rng"]["cuda"]])
@@ -367,18 +362,48 @@ def resume(out_dir, optimizer, config, resume_keys, say=print):
     return state["step"], load_file(os.path.join(folder, "model.safetensors"))
 
 
-def init_weights(folder, lora_rank):
+def optimizer_state(folder, state):
+    """The optimizer's per-parameter state in a checkpoint folder ({param id: {name: value}}): the tensors of
+    optimizer.safetensors and the plain numbers state.json keeps (Adafactor's step count)."""
+    from safetensors.torch import load_file
+    opt_state = {}
+    for key, v in [*load_file(os.path.join(folder, "optimizer.safetensors")).items(),
+                   *state.get("optimizer_scalars", {}).items()]:
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = v
+    return opt_state
+
+
+def init_weights(folder, lora_rank, flag="--init_from"):
     """The model tensors of a trainer checkpoint (out_dir/checkpoints/step_N) a new run starts its policy from
-    (--init_from), once the folder is verified and was trained with the same --lora_rank."""
+    (--init_from, --continue_from), once the folder is verified and was trained with the same --lora_rank."""
     from safetensors.torch import load_file
     problem = checkpoint_problem(folder) if os.path.isdir(folder) else "no such folder"
     if problem:
-        fail(f"--init_from {folder}: not a usable trainer checkpoint ({problem})")
+        fail(f"{flag} {folder}: not a usable trainer checkpoint ({problem})")
     with open(os.path.join(folder, "state.json")) as f:
         rank = json.load(f)["config"].get("lora_rank", 0)
     if rank != lora_rank:
-        fail(f"--init_from {folder} was trained with --lora_rank {rank}, this run has --lora_rank {lora_rank}")
+        fail(f"{flag} {folder} was trained with --lora_rank {rank}, this run has --lora_rank {lora_rank}")
     return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def continue_optimizer(folder, optimizer, optimizer_name):
+    """--continue_from: load a verified trainer checkpoint's optimizer state (AdamW's moments and step count)
+    into `optimizer`, keeping this run's hyperparameters (lr, weight decay); returns the checkpoint's place in
+    the learning-rate schedule, the steps of every run it continues plus its own, where this run's schedule
+    starts (see lr_at): a chain of runs warms up once and then trains at its --lr."""
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    name = state["config"].get("optimizer", "adamw")
+    if name != optimizer_name:
+        fail(f"--continue_from {folder} was trained with --optimizer {name}, this run has --optimizer {optimizer_name}")
+    try:
+        optimizer.load_state_dict({"state": optimizer_state(folder, state),
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
+    except ValueError as e:  # another set of trainable parameters
+        fail(f"--continue_from {folder}: its optimizer state does not fit this run's parameters ({one_line(e)})")
+    return state["config"].get("schedule_start", 0) + state["step"]
 
 
 def clear_partial_checkpoints(out_dir):

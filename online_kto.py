@@ -11,8 +11,10 @@ Each round r = 1..R, in DIR/round_r:
      the middle left out. Or --judge person: you label them on label.py's page (the command is printed) and the
      round waits until every image has a label. Either way the labels are images/metadata.jsonl, which
      `train_kto.py --data DIR/round_r/images` reads as it is;
-  3. train: N Diffusion-KTO steps of train_kto.py from the last round's weights (--init_from) against the
-     fixed base as reference, into train/;
+  3. train: N Diffusion-KTO steps of train_kto.py against the fixed base as reference, into train/, continuing
+     the last round's training (train_kto --continue_from): its weights, its optimizer state and its place in the
+     learning-rate schedule. So the R rounds are one schedule of R x N steps with one warm-up, at the start of
+     round 1 (--warmup_steps, default a tenth of a round), and every later step trains at --lr;
   4. evaluate: the judge and the fidelity check on a fixed evaluation set (--eval_prompts x --eval_seeds, seeds
      apart from the training samples'), the same every round so that rounds compare (round 0 is the base); one
      record per round, printed and in DIR/rounds.jsonl: the judge's mean on the round's own samples, and on the
@@ -21,8 +23,11 @@ Each round r = 1..R, in DIR/round_r:
      reward hacking.
 --offline is the control: the same number of labels and steps, every label on the base's samples. The R x K x P
 base samples (round r's seeds, as online) are generated and judged first; then R rounds of N steps each train on
-all of those labels, each round from the last round's weights as online does. The two differ in where the labels
-come from and in nothing else.
+all of those labels, each round continuing the last as online does. The two differ in where the labels come from
+and in nothing else.
+
+Sampling and training share one resolution: --resolution, or the base model's native one (its UNet's sample size
+times the VAE's downscaling: 512 px for SD1.5, 1024 px for SDXL), printed at the start and passed to train_kto.py.
 
 Killed in any phase, a rerun with the same flags continues the round it was in: images on disk are kept (they
 are made in fixed batches, so a regenerated one equals the image an uninterrupted run makes), a round's labels
@@ -50,6 +55,9 @@ from scorers import load_scorers, scorer_name
 EVAL_SEED = 10 ** 8  # evaluation seeds EVAL_SEED + 0..E-1: the same for every run, apart from the training samples'
 SEEDS_PER_RUN = 10 ** 5  # training samples of run seed S, round r: S * SEEDS_PER_RUN + (r - 1) * K + 0..K-1
 TRAINER_FLAGS = ("lr", "beta", "global_batch", "micro_batch", "warmup_steps", "lora_rank", "resolution", "desirable_share")
+TRAINER_HELP = {"warmup_steps": "steps of linear learning-rate warm-up, once for the whole run, in round 1 (the schedule and "
+                                "the optimizer continue across rounds); default: a tenth of a round's --steps",
+                "resolution": "the image side of sampling and of training; default: the base model's native size"}
 
 
 def get_args(argv=None):
@@ -72,9 +80,9 @@ def get_args(argv=None):
     a("--sample_steps", type=int, default=20, help="denoising steps of every sample")
     a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of every sample")
     a("--batch_size", type=int, default=32, help="images per pipeline call (kept on a rerun: rounding may depend on it)")
-    for flag in TRAINER_FLAGS:  # passed to train_kto.py when given; else its defaults (the paper's)
+    for flag in TRAINER_FLAGS:  # passed to train_kto.py when given (warm-up and resolution always); else its defaults
         a(f"--{flag}", type=float if flag in ("lr", "beta", "desirable_share") else int, default=None,
-          help=f"train_kto.py --{flag} (default: train_kto.py's)" + ("; also the sampling size" if flag == "resolution" else ""))
+          help=f"train_kto.py --{flag}: " + TRAINER_HELP.get(flag, "default: train_kto.py's"))
     a("--save_every", type=int, default=100, help="train_kto.py checkpoint interval within a round (one is always written at its end)")
     a("--train_args", default="", help="more train_kto.py flags, one string, e.g. '--utility loss_averse'")
     a("--cache_dir", default="", help="train_kto.py's latent cache; '' = OUT/cache")
@@ -187,8 +195,22 @@ def final_checkpoint(rdir, steps):
     return os.path.join(rdir, "train", "checkpoints", f"step_{steps:07d}")
 
 
-def train_round(rdir, data, init_from, args, r):
-    """Phase 3: N steps of train_kto.py; done once its step-N checkpoint is there and whole."""
+def native_resolution(pretrained):
+    """The image side a pipeline samples at by default: its UNet's sample size times the VAE's downscaling."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    try:
+        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
+        vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
+    except Exception as e:
+        fail(f"cannot read the UNet and VAE configs of {pretrained!r} for its native resolution (or pass --resolution): "
+             f"{common.one_line(e)}")
+    size = unet["sample_size"]
+    return (size if isinstance(size, int) else size[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def train_round(rdir, data, last, args, r):
+    """Phase 3: N steps of train_kto.py continuing round r-1's (`last`, its final checkpoint; None in round 1);
+    done once its step-N checkpoint is there and whole."""
     final = final_checkpoint(rdir, args.steps)
     if os.path.isdir(final) and common.checkpoint_problem(final) is None:
         return final
@@ -196,7 +218,7 @@ def train_round(rdir, data, init_from, args, r):
             "--max_steps", str(args.steps), "--seed", str(1000 * args.seed + r), "--val_every", "-1",
             "--save_every", str(args.save_every), "--cache_dir", args.cache_dir or os.path.join(args.out, "cache"),
             "--resume"]  # a killed round continues from its checkpoints; a new one starts at step 0
-    argv += ["--init_from", init_from] if init_from else []
+    argv += ["--continue_from", last] if last else []  # its weights, optimizer state and place in the lr schedule
     argv += [x for f in TRAINER_FLAGS if getattr(args, f) is not None for x in (f"--{f}", str(getattr(args, f)))]
     train_kto.main(argv + shlex.split(args.train_args))
     return final
@@ -257,22 +279,35 @@ def main(argv=None):
         fail(f"--judge and --fidelity are both {judge_name}: the fidelity check must be another score")
     scorers = {**(judge or {}), **fidelity}
     scheduler = load_scheduler(args.pretrained)
+    native = args.resolution is None
+    if native:  # one size for sampling and training, the one the base model was made for
+        args.resolution = native_resolution(args.pretrained)
+    if args.warmup_steps is None:  # in round 1 whatever --rounds is (more rounds may be added on a rerun)
+        args.warmup_steps = max(1, args.steps // 10)
 
     # the run's settings: a rerun must keep them (more rounds are fine online: rounds done stay valid)
     os.makedirs(args.out, exist_ok=True)
     run = {k: v for k, v in vars(args).items() if k not in ("poll", "out") and (k != "rounds" or args.offline)}
-    run.update(prompts=prompts, eval_prompts=eval_prompts)
+    run.update(prompts=prompts, eval_prompts=eval_prompts, schedule="one warm-up, optimizer continued across rounds")
     run_path = os.path.join(args.out, "run.json")
     if os.path.exists(run_path):
         with open(run_path) as f:
             old = json.load(f)
         changed = [k for k in run if old.get(k) != run[k]]
+        if "schedule" in changed:
+            fail(f"{args.out} was made by an older online_kto.py, which restarted the optimizer and the warm-up in every "
+                 f"round: use another --out")
         if changed:
             fail(f"{args.out} was made with other {', '.join('--' + k for k in changed)}: use another --out, or the same flags")
     write_json(run, run_path, indent=1)
     print(f"{'offline' if args.offline else 'online'} Diffusion-KTO: {args.rounds} rounds x {len(prompts)} prompts x "
           f"{args.k} images, {args.steps} steps a round; judge {args.judge}, fidelity {args.fidelity or 'none'}; "
           f"evaluation {len(eval_prompts)} prompts x {args.eval_seeds} seeds; {device}")
+    lr = args.lr if args.lr is not None else train_kto.parser.get_default("lr")
+    size_from = "the base model's native size" if native else "--resolution"
+    print(f"sampling and training at {args.resolution} px ({size_from}); "
+          f"learning rate {lr:g} after {args.warmup_steps} warm-up steps, once: the schedule and the optimizer continue "
+          f"from round to round ({args.rounds} x {args.steps} = {args.rounds * args.steps} steps)")
 
     round_dir = lambda r: os.path.join(args.out, f"round_{r:03d}")
     round_seeds = lambda r: [args.seed * SEEDS_PER_RUN + (r - 1) * args.k + j for j in range(args.k)]

@@ -39,10 +39,13 @@ a("--lambda_d", type=float, default=1.0, help="loss weight of liked (desirable) 
 a("--lambda_u", type=float, default=1.0, help="loss weight of disliked (undesirable) images")
 a("--pickapic_policy", choices=["at_least_once", "always"], default="at_least_once",
   help="Pick-a-Pic or HPDv2 pairs -> labels: liked if preferred in at least one pair (the paper), or in every pair")
-a("--init_from", default="", help="a trainer checkpoint folder (out_dir/checkpoints/step_N) the policy starts from; the reference stays --pretrained (online_kto.py's rounds)")
+a("--init_from", default="", help="a trainer checkpoint folder (out_dir/checkpoints/step_N) the policy starts from; the reference stays --pretrained")
+a("--continue_from", default="", help="a trainer checkpoint this run continues (online_kto.py's rounds): the policy starts from its "
+  "weights, the optimizer from its state (AdamW moments and step count), the learning-rate schedule at its step (no second "
+  "warm-up); data, seed and --max_steps are this run's own, the reference stays --pretrained")
 parser.set_defaults(max_steps=10000, global_batch=8, micro_batch=2, lr=1e-7, warmup_steps=1000, weight_decay=0.0,
                     prompt_dropout=0.0)
-RESUME_KEYS = ["pretrained", "init_from", "data", "utility", "ref_point", "desirable_share", "lambda_d", "lambda_u", "pickapic_policy",
+RESUME_KEYS = ["pretrained", "init_from", "continue_from", "data", "utility", "ref_point", "desirable_share", "lambda_d", "lambda_u", "pickapic_policy",
                "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay", "beta", "resolution", "random_flip",
                "prompt_dropout", "seed", "grad_clip", "optimizer", "vae", "latent_cache", "precision"]
 
@@ -63,6 +66,8 @@ def main(argv=None):
         common.fail(f"--desirable_share must be in [0, 1], got {args.desirable_share}")
     if args.ref_point == "mismatched" and args.global_batch < 2:
         common.fail("--ref_point mismatched pairs each image with another image's prompt: it needs --global_batch >= 2")
+    if args.init_from and args.continue_from:
+        common.fail("--init_from and --continue_from both name a checkpoint to start from: give one")
 
     # -------------------------------------------------------------------------
     # processes, device, precision
@@ -94,10 +99,17 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # policy, reference, optimizer, resume
     params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
-    if args.init_from:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
-        load_trainable_state(unet, args.lora_rank > 0, common.init_weights(args.init_from, args.lora_rank), args.init_from)
+    start, flag = (args.continue_from, "--continue_from") if args.continue_from else (args.init_from, "--init_from")
+    if start:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
+        load_trainable_state(unet, args.lora_rank > 0, common.init_weights(start, args.lora_rank, flag), start)
     ddp_unet = common.wrap_ddp(unet, ctx)
     optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
+    # the learning-rate schedule's step of this run's step 0: 0, or where the run it continues stopped (kept in
+    # config, so in every checkpoint's state.json, for a run that continues this one)
+    config["schedule_start"] = common.continue_optimizer(args.continue_from, optimizer, args.optimizer) if args.continue_from else 0
+    if args.continue_from:
+        ctx.say(f"continuing {args.continue_from}: its weights and optimizer state, the learning-rate schedule at step "
+                f"{config['schedule_start']} (lr {common.lr_at(config['schedule_start'], args.lr, args.warmup_steps):.3g})")
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
     ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, True, keep_frozen, ctx))
@@ -152,7 +164,7 @@ def main(argv=None):
     one_pass = args.ref_point == "batch" and accum == 1
     meter, grad_norms, t0 = common.Meter(), [], time.time()
     for step in bar:
-        lr = common.lr_at(step, args.lr, args.warmup_steps)
+        lr = common.lr_at(config["schedule_start"] + step, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [image_batch(step, micro) for micro in range(accum)]

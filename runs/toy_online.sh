@@ -10,8 +10,11 @@
 # offline (online_kto.py --offline): the same R x K x P labels, all on the base's samples (the seeds online's
 # rounds use), judged up front, then the same R rounds of N steps each on all of them. Both: full fine-tunes
 # with train_kto.py as in runs/toy.sh (lr 3e-5, 64 images a step, 80% liked draws, beta 5000, 32 px), each
-# round from the last round's weights (--init_from) with the base as reference, N = 50 steps a round with 10
-# warm-up steps (4 x 50 = toy.sh's 200 steps). Every run is evaluated after every round on the same 36 check
+# round continuing the last (train_kto --continue_from: its weights, its AdamW state, its place in the lr
+# schedule) with the base as reference, N = 50 steps a round and 20 warm-up steps once, at the start of round 1
+# (online_kto's --warmup_steps counts for the whole run, not per round): the 4 x 50 steps are toy.sh's KTO
+# schedule, 200 steps with 20 of warm-up, and from the 20th step on every step trains at lr 3e-5. Sampling and training
+# are both at 32 px, the toy base's native size. Every run is evaluated after every round on the same 36 check
 # prompts x 8 seeds (apart from the training seeds); each arm runs 3 times (seeds 0, 1, 2): the table gives the
 # mean and the lowest and highest run (the run-to-run noise), the plot the same.
 #
@@ -39,7 +42,7 @@ run() {  # run NAME FLAGS...: in the background, at most JOBS at a time; a rerun
     local name=$1; shift
     { python online_kto.py --pretrained "$BASE" --prompts "$OUT/prompts.txt" --out "$OUT/$name" \
         --rounds $R --k $K --steps $N --judge toy.scorers:redness --fidelity toy.scorers:color_acc \
-        --eval_seeds $EVAL_SEEDS --resolution 32 --lr $LR --global_batch 64 --micro_batch 64 --warmup_steps 10 \
+        --eval_seeds $EVAL_SEEDS --resolution 32 --lr $LR --global_batch 64 --micro_batch 64 --warmup_steps 20 \
         --beta 5000 --batch_size 72 --train_args "--log_every 50" "$@" > "$OUT/$name.log" 2>&1 \
         || touch "$OUT/$name.failed"; } &
 }

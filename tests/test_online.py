@@ -21,7 +21,7 @@ PROMPTS = "a red square|a blue circle"
 def run_args(pipe, out, *extra):
     return ["--pretrained", pipe, "--prompts", PROMPTS, "--out", str(out), "--rounds", "2", "--k", "4", "--steps", "2",
             "--judge", "toy.scorers:redness", "--fidelity", "toy.scorers:color_acc", "--resolution", "32",
-            "--global_batch", "4", "--micro_batch", "2", "--lr", "1e-3", "--warmup_steps", "1", "--beta", "100",
+            "--global_batch", "4", "--micro_batch", "2", "--lr", "1e-3", "--warmup_steps", "3", "--beta", "100",
             "--sample_steps", "2", "--eval_seeds", "2", "--batch_size", "3", "--save_every", "1",
             "--cache_dir", str(out) + "_cache", "--train_args", "--log_every 1", *extra]
 
@@ -73,12 +73,45 @@ def test_each_round_trains_from_the_last_round_against_the_base(uninterrupted):
     assert second["ref_point"] != 0.0 and abs(second["reward_d"]) > 1e-5  # round 2, step 1: round 1's weights
     with open(os.path.join(uninterrupted, "round_002", "train", "checkpoints", "step_0000002", "state.json")) as f:
         config = json.load(f)["config"]
-    assert config["init_from"].endswith(os.path.join("round_001", "train", "checkpoints", "step_0000002"))
+    assert config["continue_from"].endswith(os.path.join("round_001", "train", "checkpoints", "step_0000002"))
     rounds = jsonl(os.path.join(uninterrupted, "rounds.jsonl"))
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[0]["like_rate"] == 0.5  # base: 2 seeds, median split
     for r in rounds:
         assert np.isfinite(r["judge_eval_mean"]) and 0 <= r["like_rate"] <= 1 and 0 <= r["fidelity_eval_mean"] <= 1
     assert all(np.isfinite(r["judge_samples_mean"]) and r["liked"] == r["disliked"] == 2 for r in rounds[1:])
+
+
+def test_one_warm_up_then_lr_and_the_optimizer_continue_across_rounds(uninterrupted):
+    """--warmup_steps 3 with 2 steps a round: the warm-up spans round 1 and the first step of round 2, once for the
+    whole run; every later step trains at --lr (1e-3). Round 2 continues round 1's AdamW state: its step count goes
+    on from 2 (a restarted optimizer would count 1, 2 again)."""
+    lrs = {r: [rec["lr"] for rec in jsonl(os.path.join(uninterrupted, f"round_{r:03d}", "train", "log.jsonl"))] for r in (1, 2)}
+    assert lrs[1] == pytest.approx([1e-3 / 3, 2e-3 / 3]) and lrs[2] == pytest.approx([1e-3, 1e-3])
+    for r, step, adam_steps in [(1, 2, 2), (2, 1, 3), (2, 2, 4)]:  # round 2 keeps its step-1 checkpoint (--save_every 1)
+        folder = os.path.join(uninterrupted, f"round_{r:03d}", "train", "checkpoints", f"step_{step:07d}")
+        state = load_file(os.path.join(folder, "optimizer.safetensors"))
+        assert {float(v) for k, v in state.items() if k.endswith(".step")} == {adam_steps}
+        with open(os.path.join(folder, "state.json")) as f:
+            assert json.load(f)["config"]["schedule_start"] == 2 * (r - 1)
+
+
+def test_native_resolution_and_default_warm_up(tiny_pipe_dir, tmp_path, capsys):
+    """Without --resolution the run samples and trains at the base's native size (the tiny pipeline's 32 px, not
+    train_kto's default 512); without --warmup_steps it warms up for a tenth of a round (at least one step)."""
+    out = tmp_path / "native"
+    argv = run_args(tiny_pipe_dir, out, "--rounds", "1")
+    for flag in ("--resolution", "--warmup_steps"):
+        k = argv.index(flag)
+        argv[k:k + 2] = []
+    online_kto.main(argv)
+    assert "sampling and training at 32 px (the base model's native size)" in capsys.readouterr().out
+    from PIL import Image
+    folder = os.path.join(out, "round_001", "images")
+    assert {Image.open(os.path.join(folder, n)).size for n in os.listdir(folder) if n.endswith(".png")} == {(32, 32)}
+    with open(os.path.join(out, "round_001", "train", "checkpoints", "step_0000002", "state.json")) as f:
+        config = json.load(f)["config"]
+    assert config["resolution"] == 32 and config["warmup_steps"] == 1
+    assert online_kto.native_resolution(tiny_pipe_dir) == 32
 
 
 @pytest.mark.parametrize("phase", ["generate", "label", "train"])
@@ -172,6 +205,11 @@ def test_clear_errors(tiny_pipe_dir, tmp_path):
         online_kto.main(run_args(tiny_pipe_dir, tmp_path / "a", "--like_share", "0.6"))
     with pytest.raises(SystemExit, match="cannot load the function"):
         online_kto.main(run_args(tiny_pipe_dir, tmp_path / "b", "--judge", "nowhere:nothing"))
+    old = tmp_path / "old"  # a run folder of the online_kto.py that restarted the optimizer every round
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"pretrained": tiny_pipe_dir}))
+    with pytest.raises(SystemExit, match="older online_kto.py, which restarted the optimizer"):
+        online_kto.main(run_args(tiny_pipe_dir, old))
 
 
 def test_toy_table_and_plot(tmp_path):

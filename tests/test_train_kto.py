@@ -241,3 +241,38 @@ def test_init_from_starts_the_policy_from_a_checkpoint_against_the_base(tiny_pip
     with pytest.raises(SystemExit, match="--lora_rank"):
         train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "third", cache, "--max_steps", "1", "--init_from", ckpt,
                                 "--lora_rank", "0" if lora else "4"))
+
+
+def test_continue_from_carries_the_optimizer_and_the_schedule_on(tiny_pipe_dir, likes, tmp_path):
+    """--continue_from: a second run goes on where the first stopped, its weights, its AdamW state (moments and
+    step count) and its place in the learning-rate schedule, so a chain of runs warms up once (online_kto.py's
+    rounds); --init_from, by contrast, takes the weights alone and warms up again."""
+    cache = tmp_path / "cache"
+    ckpt = lambda run, step: str(tmp_path / run / "checkpoints" / f"step_{step:07d}")
+    adam_steps = lambda folder: {float(v) for k, v in load_file(os.path.join(folder, "optimizer.safetensors")).items()
+                                 if k.endswith(".step")}
+    warm = ["--max_steps", "2", "--warmup_steps", "5"]
+    train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "first", cache, *warm))
+    train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "second", cache, *warm, "--continue_from", ckpt("first", 2)))
+    train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "third", cache, *warm, "--continue_from", ckpt("second", 2)))
+    train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "again", cache, *warm, "--init_from", ckpt("first", 2)))
+    lrs = {run: [r["lr"] for r in records(tmp_path / run)] for run in ("first", "second", "third", "again")}
+    assert lrs["first"] == pytest.approx([2e-4, 4e-4]) and lrs["second"] == pytest.approx([6e-4, 8e-4])
+    assert lrs["third"] == pytest.approx([1e-3, 1e-3]) and lrs["again"] == lrs["first"]
+    assert adam_steps(ckpt("second", 1)) == {3} and adam_steps(ckpt("third", 2)) == {6} and adam_steps(ckpt("again", 2)) == {2}
+    first, second = load_file(os.path.join(ckpt("first", 2), "optimizer.safetensors")), \
+        load_file(os.path.join(ckpt("second", 1), "optimizer.safetensors"))
+    fresh = load_file(os.path.join(ckpt("first", 1), "optimizer.safetensors"))
+    # AdamW after one step from zero moments: exp_avg^2 / exp_avg_sq = (1 - beta1)^2 / (1 - beta2) = 10 wherever the
+    # gradient is not 0; the continued run's first step started from the first run's moments, so it is not that
+    for state, want in ((fresh, True), (second, False)):
+        m, v = state["0.exp_avg"], state["0.exp_avg_sq"]
+        ratio = (m[v > 0] ** 2 / v[v > 0])
+        assert torch.allclose(ratio, torch.full_like(ratio, 10.0), rtol=1e-3) == want
+    assert not torch.equal(first["0.exp_avg"], second["0.exp_avg"])
+    with pytest.raises(SystemExit, match="give one"):
+        train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "both", cache, "--max_steps", "1",
+                                "--init_from", ckpt("first", 2), "--continue_from", ckpt("first", 2)))
+    with pytest.raises(SystemExit, match="--optimizer adamw, this run has --optimizer adafactor"):
+        train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "other", cache, "--max_steps", "1", "--optimizer",
+                                "adafactor", "--continue_from", ckpt("first", 2)))
