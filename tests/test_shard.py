@@ -10,6 +10,7 @@ checkpoints and the export the files a DDP run writes.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,7 +144,8 @@ def test_sharded_dpo_equals_one_rank_and_ddp(tiny_pipe_dir, pickapic, tmp_path):
 @pytest.mark.slow
 def test_sharded_kto_equals_one_rank(tiny_pipe_dir, pickapic, tmp_path):
     """KTO with the mismatched reference point (one more no-grad forward of the sharded policy and reference between
-    its forward and backward): 2 processes sharded x 2 images x 2 accumulation steps = one process x 2 x 4."""
+    its forward and backward): 2 processes sharded x 2 images x 2 accumulation steps = one process x 2 x 4. And the
+    one process's step-2 checkpoint, resumed sharded for step 3, ends where the one process ended."""
     cache = tmp_path / "cache"
     run = ("--max_steps", "3", "--global_batch", "8", "--micro_batch", "2", "--lr", "1e-4", "--beta", "100",
            "--ref_point", "mismatched", "--desirable_share", "0.5")
@@ -152,8 +154,18 @@ def test_sharded_kto_equals_one_rank(tiny_pipe_dir, pickapic, tmp_path):
                                                                   "--shard")))
     first = records(tmp_path / "shard")[0]
     assert (first["reward_d"], first["reward_u"], first["ref_point"]) == (0.0, 0.0, 0.0)
-    assert_same_run(tmp_path / "one", tmp_path / "shard", unet_weights(str(tmp_path / "one")),
-                    unet_weights(str(tmp_path / "shard")), unet_weights(tiny_pipe_dir), 1e-4, 3)
+    one, base = unet_weights(str(tmp_path / "one")), unet_weights(tiny_pipe_dir)
+    assert_same_run(tmp_path / "one", tmp_path / "shard", one, unet_weights(str(tmp_path / "shard")), base, 1e-4, 3)
+    # a one-process checkpoint is what a sharded run resumes: the same files
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "one", mixed)
+    shutil.rmtree(mixed / "checkpoints" / "step_0000003")
+    (mixed / "checkpoints" / "latest").write_text("step_0000002")
+    (mixed / "log.jsonl").write_text("".join((tmp_path / "one" / "log.jsonl").read_text().splitlines(keepends=True)[:2]))
+    output = finish(torchrun(os.path.join(ROOT, "train_kto.py"), args_for(tiny_pipe_dir, pickapic, mixed, cache, *run,
+                                                                           "--shard", "--resume")))
+    assert "(step 2)" in output and [r["step"] for r in records(mixed)] == [1, 2, 3]
+    assert_same_run(tmp_path / "one", mixed, one, unet_weights(str(mixed)), base, 1e-4, 3)
 
 
 @pytest.mark.slow
