@@ -136,7 +136,6 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
       (a copy held in bf16 is not the policy: measured on the trained toy base under bf16 autocast, the
       step-0 DPO loss was 0.936 instead of log 2; held in fp32 the errors were bitwise equal);
     - LoRA: the same module with its adapters disabled, exact by construction and free in memory.
-    Under --shard (ctx.shard) the copy is sharded here, the policy later by the trainer (after --init_from).
     """
     if lora_rank > 0:
         unet.requires_grad_(False)
@@ -150,7 +149,7 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
                 unet.enable_adapters()
     elif need_reference:
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        if ctx.shard:  # split as the policy will be (shard_model): the same gathered weights, bitwise the same forward
+        if ctx.shard:  # split as the trainer splits the policy (after --init_from): bitwise the same gathered forward
             shard_model(ref_unet, ctx, reference=True)
 
         def reference(x_t, t, cond):
@@ -165,47 +164,34 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
 
 def memory_plan(models, params, lora, optimizer_name, need_reference, keep_frozen, ctx):
     """The memory training holds per GPU, part by part (activations come on top: gradient checkpointing is what
-    shrinks them). Printed at the start, so a run that cannot fit says so before the first step.
-
-    Under --shard (ctx.shard, ctx.world processes) the weights, gradients, optimizer state and reference are
-    1/world each, and one more row counts what FSDP2 gathers whole while it computes: the root's own parameters
-    (kept gathered from forward to backward), the largest unit's weights and gradients (before their
-    reduce-scatter) and the next unit's weights, gathered ahead (an estimate, fp32, of what is in flight)."""
+    shrinks them). Printed at the start, so a run that cannot fit says so before the first step. Under --shard
+    (ctx.shard) the rows are per process of ctx.world: see sharded_plan."""
     from common import optimizer_state_bytes
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) if m is not None else 0
-    shard = ctx.world if ctx.shard else 1
     n_train = sum(p.numel() for p in params)
     n_unet = sum(p.numel() for p in models.unet.parameters()) - (n_train if lora else 0)
     frozen = size(models.vae) + size(models.text_encoder) + size(models.text_encoder_2)
-    part = f", 1/{shard} each" if shard > 1 else ""
-    rows = [(f"UNet weights (fp32{part})" if not lora else "UNet weights, frozen (fp32)", 4 * n_unet / shard)]
+    rows = [("UNet weights (fp32)" if not lora else "UNet weights, frozen (fp32)", 4 * n_unet)]
     if lora:
         rows.append(("LoRA weights (fp32)", 4 * n_train))
-    rows += [(f"gradients (fp32{part})", 4 * n_train / shard),
-             (f"{optimizer_name} state" + (f" (1/{shard}" + (", matrices' column moments whole)" if
-                                                                optimizer_name == "adafactor" else ")") if shard > 1 else ""),
-              optimizer_state_bytes(optimizer_name, params, shard)),
+    rows += [("gradients (fp32)", 4 * n_train),
+             (f"{optimizer_name} state", optimizer_state_bytes(optimizer_name, params)),
              ("reference: " + ("none (SFT)" if not need_reference else "adapters off, shared (exact)" if lora
-                               else f"frozen copy in fp32, sharded like the policy, 1/{shard} (exact at step 0)" if shard > 1
                                else "frozen copy in fp32 (exact at step 0; a bf16 copy would take half, inexact)"),
-              4 * n_unet / shard if need_reference and not lora else 0)]
-    if shard > 1:
-        groups = sorted(shard_groups(models.unet), key=lambda g: -g[1])
-        root = dict(groups)[""]
-        units = [g for g in groups if g[0]]
-        rows.append((f"in flight: root {root / 1e6:.1f}M + {units[0][0]} {units[0][1] / 1e6:.1f}M (weights, grads) + next "
-                     f"{units[1][1] / 1e6:.1f}M", 4 * (root + 2 * units[0][1] + units[1][1])))
-    rows.append(("VAE and text encoders" + ("" if keep_frozen else " (freed after caching)"), frozen if keep_frozen else 0))
+              4 * n_unet if need_reference and not lora else 0),
+             ("VAE and text encoders" + ("" if keep_frozen else " (freed after caching)"), frozen if keep_frozen else 0)]
+    if ctx.shard:
+        rows = sharded_plan(rows, models.unet, params, optimizer_name, ctx.world)
     gb = lambda n: f"{n / 2 ** 30:7.2f} GB"
-    lines = [f"  {name:<88} {gb(n)}" for name, n in rows]
+    lines = [f"  {name:<72} {gb(n)}" for name, n in rows]
     total = sum(n for _, n in rows)
     fits = ""
     if ctx.cuda:
         capacity = torch.cuda.get_device_properties(ctx.device).total_memory
         fits = f" of {gb(capacity).strip()} on {torch.cuda.get_device_name(ctx.device)}"
-    sharded = f", sharded over {shard} processes" if shard > 1 else ""
+    sharded = f", sharded over {ctx.world} processes" if ctx.shard else ""
     return "\n".join([f"memory plan per process ({models.family}, {ctx.precision}{sharded}):"] + lines +
-                     [f"  {'total before activations' + fits:<88} {gb(total)}"])
+                     [f"  {'total before activations' + fits:<72} {gb(total)}"])
 
 
 def trainable_state(unet, lora):
@@ -288,6 +274,24 @@ def shard_groups(unet):
         seen.update(id(p) for p in own)
         groups.append((names[module], sum(p.numel() for p in own)))
     return groups
+
+
+def sharded_plan(rows, unet, params, optimizer_name, world):
+    """memory_plan's rows of a full fine-tune sharded over `world` processes: the weights, gradients, optimizer state
+    and reference 1/world each (Adafactor's state as ShardedAdafactor holds it), and what FSDP2 holds gathered while
+    it computes: the root's own parameters (kept from forward to backward), the largest unit's weights and gradients
+    (before their reduce-scatter) and the next unit's weights, gathered ahead (an estimate, in fp32)."""
+    from common import optimizer_state_bytes
+    (_, weights), (_, grads), _, (_, reference), frozen = rows  # a full fine-tune's five rows
+    groups = sorted(shard_groups(unet), key=lambda g: -g[1])
+    root, (largest, n_largest), (_, n_next) = dict(groups)[""], *[g for g in groups if g[0]][:2]
+    state = f"{optimizer_name} state (1/{world}" + (", matrices' column moments whole)" if optimizer_name == "adafactor"
+                                                      else ")")
+    return [(f"UNet weights (fp32, 1/{world} each)", weights / world), (f"gradients (fp32, 1/{world} each)", grads / world),
+            (state, optimizer_state_bytes(optimizer_name, params, world)),
+            ("reference: frozen fp32 copy sharded like the policy (exact at step 0)", reference / world),
+            (f"in flight (gathered): root + {largest}, its grads, next unit", 4 * (root + 2 * n_largest + n_next)),
+            frozen]
 
 
 def gathered_unet(unet, ctx):
