@@ -78,6 +78,8 @@ a("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default,
 a("--pretrained", default="", help="time this diffusers pipeline folder (of the named --size) instead of building one with random weights")
 a("--work_dir", default="", help="folder for the model, data, cache and run outputs, kept, and a model already there is reused (default: a temporary folder, deleted at the end)")
 a("--seed", type=int, default=0, help="seed for the weights, the data and the runs (default: %(default)s)")
+a("--plan_only", action="store_true", help="print the trainers' memory plan per process for the real --size sd15/sdxl UNet (from its configuration, no weights) and stop")
+a("--shard", type=int, default=0, help="with --plan_only: the plan of a run sharded over this many processes (--shard under torchrun); 0: unsharded (default: %(default)s)")
 
 
 # -----------------------------------------------------------------------------
@@ -100,21 +102,11 @@ def build_model(size, out_dir, seed=0):
         from toy.models import build_pipeline
         build_pipeline(out_dir, size, seed=seed)
         return
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from toy.models import write_tokenizer
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        if size == "sd15":  # SD1.5's unet/config.json: the library defaults but for these two (defaults 1280, None)
-            unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
-        else:  # SDXL base 1.0's unet/config.json
-            unet = UNet2DConditionModel(
-                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    unet = meta_unet(size)
     unet = unet.to_empty(device="cpu")  # uninitialised memory; every parameter is written below (no buffers)
     pool = torch.randn(1 << 25)
     with torch.no_grad():
@@ -149,6 +141,45 @@ def build_model(size, out_dir, seed=0):
                                                                                              projection_dim=1280),
                                   tokenizer=tok, tokenizer_2=tok_2, unet=unet,
                                   scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
+
+
+def meta_unet(size):
+    """The real SD1.5 or SDXL UNet's configuration on the meta device: every shape, no memory, no initialisation."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        if size == "sd15":  # SD1.5's unet/config.json: the library defaults but for these two (defaults 1280, None)
+            return UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+        return UNet2DConditionModel(  # SDXL base 1.0's unet/config.json
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+def print_plan(args):
+    """--plan_only: the memory plan a trainer prints at its start (model.memory_plan) for the real SD1.5 or SDXL
+    UNet, built on the meta device from its configuration (no weights, no GPU), for --lora_rank and --optimizer,
+    in one process (as every DDP process holds) or sharded over --shard N processes."""
+    from types import SimpleNamespace
+    import common
+    import model
+    if args.size not in ("sd15", "sdxl"):
+        fail("--plan_only: --size sd15 or sdxl (the real UNet configurations)")
+    if args.shard > 1 and args.lora_rank:
+        fail("--shard is for full fine-tunes: add --lora_rank 0")
+    unet = meta_unet(args.size)
+    if args.lora_rank:
+        unet.requires_grad_(False)
+        model.add_lora(unet, args.lora_rank)
+    ctx = SimpleNamespace(cuda=False, precision=common.resolve_precision(args.precision, cuda=True),
+                          world=max(1, args.shard), shard=args.shard > 1)
+    models = SimpleNamespace(family="sd" if args.size == "sd15" else "sdxl", unet=unet, vae=None, text_encoder=None,
+                             text_encoder_2=None)
+    plan = model.memory_plan(models, [p for p in unet.parameters() if p.requires_grad], args.lora_rank > 0,
+                             args.optimizer, True, False, ctx)
+    print(plan)
+    return plan
 
 
 def write_pickapic(path, n, resolution, seed=0):
@@ -296,6 +327,10 @@ def main(argv=None):
     if args.micro_batch is None:
         args.micro_batch = defaults["pairs"] * (2 if args.algo == "kto" else 1)
     args.unit = "pairs" if args.algo == "dpo" else "images"
+    if args.plan_only:
+        return print_plan(args)
+    if args.shard:
+        fail("--shard needs --plan_only: bench.py times one process")
     if args.pretrained and not os.path.exists(os.path.join(args.pretrained, "model_index.json")):
         fail(f"--pretrained {args.pretrained} is not a diffusers pipeline folder (no model_index.json)")
     if args.threads:

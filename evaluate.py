@@ -120,7 +120,8 @@ def fit(draw, text, font, width):
 
 def validate(out_dir, step, models, pretrained, prompts, seeds, resolution, ctx, steps=25, guidance=7.5):
     """The trainers' validation grid: fixed prompts and seeds through the current weights, out_dir/val/step_N.png,
-    one row per prompt (its text beside it), one column per seed."""
+    one row per prompt (its text beside it), one column per seed. A sharded UNet (--shard) needs every rank in its
+    forwards: all ranks call this and draw the same images, rank 0 alone writes the grid."""
     import time
     from diffusers import DDIMScheduler
     pipe = sampling_pipeline(models, DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler"))
@@ -131,9 +132,10 @@ def validate(out_dir, step, models, pretrained, prompts, seeds, resolution, ctx,
     with ctx.autocast():
         rows = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution, progress=False)
     unet.train(was_training)
-    os.makedirs(os.path.join(out_dir, "val"), exist_ok=True)
     path = os.path.join(out_dir, "val", f"step_{step:07d}.png")
-    save_grid(rows, path, columns=[f"step {step}, seed {s}" for s in seeds], prompts=prompts, min_cell=128)
+    if ctx.master:
+        os.makedirs(os.path.join(out_dir, "val"), exist_ok=True)
+        save_grid(rows, path, columns=[f"step {step}, seed {s}" for s in seeds], prompts=prompts, min_cell=128)
     return path, time.time() - t0
 
 

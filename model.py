@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import fail, one_line
+from common import fail, is_sharded, one_line, shard_of
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json's _class_name
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA scripts
@@ -151,6 +151,8 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
                 unet.enable_adapters()
     elif need_reference:
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        if ctx.shard:  # split as the trainer splits the policy (after --init_from): bitwise the same gathered forward
+            shard_model(ref_unet, ctx, reference=True)
 
         def reference(x_t, t, cond):
             return denoise(ref_unet, x_t, t, cond)
@@ -164,7 +166,8 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
 
 def memory_plan(models, params, lora, optimizer_name, need_reference, keep_frozen, ctx):
     """The memory training holds per GPU, part by part (activations come on top: gradient checkpointing is what
-    shrinks them). Printed at the start, so a run that cannot fit says so before the first step."""
+    shrinks them). Printed at the start, so a run that cannot fit says so before the first step. Under --shard
+    (ctx.shard) the rows are per process of ctx.world: see sharded_plan."""
     from common import optimizer_state_bytes
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) if m is not None else 0
     n_train = sum(p.numel() for p in params)
@@ -181,6 +184,8 @@ def memory_plan(models, params, lora, optimizer_name, need_reference, keep_froze
                                else "frozen copy in fp32 (exact at step 0; a bf16 copy would take half, inexact)"),
               4 * n_unet if need_reference and not lora else 0),
              ("VAE and text encoders" + ("" if keep_frozen else " (freed after caching)"), frozen if keep_frozen else 0)]
+    if ctx.shard:
+        rows = sharded_plan(rows, models.unet, params, optimizer_name, ctx.world)
     gb = lambda n: f"{n / 2 ** 30:7.2f} GB"
     lines = [f"  {name:<72} {gb(n)}" for name, n in rows]
     total = sum(n for _, n in rows)
@@ -188,7 +193,8 @@ def memory_plan(models, params, lora, optimizer_name, need_reference, keep_froze
     if ctx.cuda:
         capacity = torch.cuda.get_device_properties(ctx.device).total_memory
         fits = f" of {gb(capacity).strip()} on {torch.cuda.get_device_name(ctx.device)}"
-    return "\n".join([f"memory plan per process ({models.family}, {ctx.precision}):"] + lines +
+    sharded = f", sharded over {ctx.world} processes" if ctx.shard else ""
+    return "\n".join([f"memory plan per process ({models.family}, {ctx.precision}{sharded}):"] + lines +
                      [f"  {'total before activations' + fits:<72} {gb(total)}"])
 
 
@@ -201,7 +207,12 @@ def trainable_state(unet, lora):
 
 
 def load_trainable_state(unet, lora, weights, where):
-    """Put checkpoint tensors (trainable_state's keys) back into `unet`, on its device."""
+    """Put checkpoint tensors (trainable_state's keys) back into `unet`, on its device; a sharded UNet's
+    (--shard) each rank cuts its own shard of every tensor."""
+    if not lora and any(is_sharded(p) for p in unet.parameters()):
+        mine = unet.state_dict()
+        unet.load_state_dict({k: shard_of(v, mine.get(k)) for k, v in weights.items()})
+        return
     device = next(unet.parameters()).device
     weights = {k: v.to(device) for k, v in weights.items()}
     if lora:
@@ -224,6 +235,83 @@ def load_checkpoint_unet(unet, folder):
         add_lora(unet, rank)
     load_trainable_state(unet, rank > 0, load_file(os.path.join(folder, "model.safetensors")), folder)
     return unet
+
+
+# ------------------------------------------------------------------------------------------------
+# sharding (--shard): the UNet split into FSDP2 units; what happens around them is in common.py
+
+# the units FSDP2 gathers one at a time: diffusers' residual and transformer blocks, the ones gradient
+# checkpointing recomputes. Whole down/up blocks would be too coarse: SDXL's first up block holds ~1B parameters
+# (4 GB in fp32, gathered at once), its largest residual block 48M. A transformer family adds its blocks here.
+SHARD_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")
+
+
+def shard_units(unet):
+    """The modules fully_shard wraps, innermost first: every residual and transformer block, then each down, mid and
+    up block (for what is left in it: samplers, the attention blocks' projections and norms). The root module
+    (conv_in, the time and text-time embeddings, conv_out) is wrapped last, by shard_model."""
+    blocks = [m for m in unet.modules() if type(m).__name__ in SHARD_UNITS]
+    return blocks + [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
+
+
+def shard_model(unet, ctx, reference=False):
+    """FSDP2 over `unet`, in place: each unit's fp32 parameters are cut into ctx.world blocks of rows, one per process,
+    gathered whole just before the unit computes (forward, and backward again) and freed after; gradients are
+    reduce-scattered, so each rank keeps the gradient of its rows only. No MixedPrecisionPolicy: the weights are
+    gathered in fp32 and the forward runs under the trainers' autocast, as without --shard (bitwise the same
+    computation; bf16 gathering would halve the traffic but change the numerics and the step-0 exactness).
+    reference: the frozen copy, resharded after its forward too (it has no backward to wait for)."""
+    from torch.distributed.fsdp import fully_shard
+    for unit in shard_units(unet):
+        fully_shard(unit)
+    fully_shard(unet, reshard_after_forward=True if reference else None)
+    return unet
+
+
+def shard_groups(unet):
+    """(name, parameters) of each FSDP2 group shard_model makes: each unit with its parameters not in an inner unit,
+    and the root ('') with the rest. For the memory plan; works on a meta-device UNet."""
+    names = {m: n for n, m in unet.named_modules()}
+    seen, groups = set(), []
+    for module in [*shard_units(unet), unet]:
+        own = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        groups.append((names[module], sum(p.numel() for p in own)))
+    return groups
+
+
+def sharded_plan(rows, unet, params, optimizer_name, world):
+    """memory_plan's rows of a full fine-tune sharded over `world` processes: the weights, gradients, optimizer state
+    and reference 1/world each (Adafactor's state as ShardedAdafactor holds it), and what FSDP2 holds gathered while
+    it computes: the root's own parameters (kept from forward to backward), the largest unit's weights and gradients
+    (before their reduce-scatter) and the next unit's weights, gathered ahead (an estimate, in fp32)."""
+    from common import optimizer_state_bytes
+    (_, weights), (_, grads), _, (_, reference), frozen = rows  # a full fine-tune's five rows
+    groups = sorted(shard_groups(unet), key=lambda g: -g[1])
+    root, (largest, n_largest), (_, n_next) = dict(groups)[""], *[g for g in groups if g[0]][:2]
+    state = f"{optimizer_name} state (1/{world}" + (", matrices' column moments whole)" if optimizer_name == "adafactor"
+                                                      else ")")
+    return [(f"UNet weights (fp32, 1/{world} each)", weights / world), (f"gradients (fp32, 1/{world} each)", grads / world),
+            (state, optimizer_state_bytes(optimizer_name, params, world)),
+            ("reference: frozen fp32 copy sharded like the policy (exact at step 0)", reference / world),
+            (f"in flight (gathered): root + {largest}, its grads, next unit", 4 * (root + 2 * n_largest + n_next)),
+            frozen]
+
+
+def gathered_unet(unet, ctx):
+    """The UNet whole, for export: without --shard `unet` itself; a sharded one's weights are gathered (every rank
+    must call this, one tensor at a time) into a plain UNet of the same config on rank 0's CPU; None on the others."""
+    if not ctx.shard:
+        return unet
+    from diffusers import UNet2DConditionModel
+    from common import gather_whole
+    weights = gather_whole(unet.state_dict(), ctx)
+    if not ctx.master:
+        return None
+    with torch.device("meta"):
+        whole = UNet2DConditionModel.from_config(unet.config)
+    whole.load_state_dict(weights, assign=True)
+    return whole
 
 
 # ------------------------------------------------------------------------------------------------

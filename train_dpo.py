@@ -21,7 +21,8 @@ import common
 from cache import open_cache, stack_conditions
 from evaluate import validate
 from losses import add_noise_and_target, dpo_loss, per_sample_error, sft_loss
-from model import denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, trainable_state
+from model import (denoise, export, gathered_unet, load_models, load_trainable_state, memory_plan, prepare_policy,
+                   shard_model, trainable_state)
 from public_data import load_pairs
 
 # -----------------------------------------------------------------------------
@@ -44,6 +45,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # processes, device, precision
     ctx = common.setup(args.seed, args.precision, args.dist_timeout)
+    ctx.shard = common.use_sharding(args.shard, args.lora_rank, ctx)  # --shard: FSDP2 over the processes
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "pairs"))
 
@@ -73,7 +75,8 @@ def main(argv=None):
     params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference)
     if args.init_from:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
         load_trainable_state(unet, args.lora_rank > 0, common.init_weights(args.init_from, args.lora_rank), args.init_from)
-    ddp_unet = common.wrap_ddp(unet, ctx)
+    ddp_unet = shard_model(unet, ctx) if ctx.shard else common.wrap_ddp(unet, ctx)
+    params = [p for p in unet.parameters() if p.requires_grad]  # sharded: the DTensors fully_shard put in their place
     optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
@@ -157,19 +160,21 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             grad_norms, t0 = [], time.time()
         if common.due(done, args.save_every, last):
+            state = common.checkpoint_state(trainable_state(unet, args.lora_rank > 0), optimizer, ctx)  # sharded: gathered
             if ctx.master:
-                common.save_checkpoint(args.out_dir, done, trainable_state(unet, args.lora_rank > 0), optimizer,
-                                       config, args.keep_checkpoints)
+                common.save_checkpoint(args.out_dir, done, *state, config, args.keep_checkpoints)
             common.barrier()
         if args.val_every >= 0 and common.due(done, args.val_every, last):
-            if ctx.master:
+            if ctx.master or ctx.shard:  # a sharded UNet needs every rank in its forwards; rank 0 writes the grid
                 path, secs = validate(args.out_dir, done, models, args.pretrained, prompts, seeds, args.resolution,
                                       ctx, steps=args.val_steps)
-                bar.write(f"validation grid: {path} ({secs:.1f}s)")
+                if ctx.master:
+                    bar.write(f"validation grid: {path} ({secs:.1f}s)")
             common.barrier()
 
     # -------------------------------------------------------------------------
     # export: the weights in the layout users load
+    unet = gathered_unet(unet, ctx)  # sharded: gathered whole onto rank 0 (every rank takes part)
     if ctx.master:
         export(args.out_dir, args.pretrained, unet, args.lora_rank > 0)
         print(f"saved {'LoRA weights' if args.lora_rank else 'the pipeline'} to {args.out_dir}")

@@ -22,7 +22,8 @@ import common
 from cache import open_cache, stack_conditions
 from evaluate import validate
 from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
-from model import denoise, export, load_models, load_trainable_state, memory_plan, prepare_policy, trainable_state
+from model import (denoise, export, gathered_unet, load_models, load_trainable_state, memory_plan, prepare_policy,
+                   shard_model, trainable_state)
 from public_data import load_singles
 
 # -----------------------------------------------------------------------------
@@ -72,6 +73,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # processes, device, precision
     ctx = common.setup(args.seed, args.precision, args.dist_timeout)
+    ctx.shard = common.use_sharding(args.shard, args.lora_rank, ctx)  # --shard: FSDP2 over the processes
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "images"))
 
@@ -102,7 +104,8 @@ def main(argv=None):
     start, flag = (args.continue_from, "--continue_from") if args.continue_from else (args.init_from, "--init_from")
     if start:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
         load_trainable_state(unet, args.lora_rank > 0, common.init_weights(start, args.lora_rank, flag), start)
-    ddp_unet = common.wrap_ddp(unet, ctx)
+    ddp_unet = shard_model(unet, ctx) if ctx.shard else common.wrap_ddp(unet, ctx)
+    params = [p for p in unet.parameters() if p.requires_grad]  # sharded: the DTensors fully_shard put in their place
     optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     # the learning-rate schedule's step of this run's step 0: 0, or where the run it continues stopped (kept in
     # config, so in every checkpoint's state.json, for a run that continues this one)
@@ -212,19 +215,21 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             grad_norms, t0 = [], time.time()
         if common.due(done, args.save_every, last):
+            state = common.checkpoint_state(trainable_state(unet, args.lora_rank > 0), optimizer, ctx)  # sharded: gathered
             if ctx.master:
-                common.save_checkpoint(args.out_dir, done, trainable_state(unet, args.lora_rank > 0), optimizer,
-                                       config, args.keep_checkpoints)
+                common.save_checkpoint(args.out_dir, done, *state, config, args.keep_checkpoints)
             common.barrier()
         if args.val_every >= 0 and common.due(done, args.val_every, last):
-            if ctx.master:
+            if ctx.master or ctx.shard:  # a sharded UNet needs every rank in its forwards; rank 0 writes the grid
                 path, secs = validate(args.out_dir, done, models, args.pretrained, prompts, seeds, args.resolution,
                                       ctx, steps=args.val_steps)
-                bar.write(f"validation grid: {path} ({secs:.1f}s)")
+                if ctx.master:
+                    bar.write(f"validation grid: {path} ({secs:.1f}s)")
             common.barrier()
 
     # -------------------------------------------------------------------------
     # export: the weights in the layout users load
+    unet = gathered_unet(unet, ctx)  # sharded: gathered whole onto rank 0 (every rank takes part)
     if ctx.master:
         export(args.out_dir, args.pretrained, unet, args.lora_rank > 0)
         print(f"saved {'LoRA weights' if args.lora_rank else 'the pipeline'} to {args.out_dir}")

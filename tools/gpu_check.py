@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)
 
 
 def runs(gpus, dry):
-    """(name, model, trainer, processes, flags) of every run; the 2-process runs need 2 devices (or the CPU)."""
+    """(name, model, trainer, processes, flags) of every run; the 2-process runs, --shard among them (one process has
+    nothing to shard and runs unsharded), need 2 devices (or the CPU)."""
     px = {"sd15": "32" if dry else "512", "sdxl": "32" if dry else "1024"}
     out = [
         ("DPO LoRA r8", "sd15", "train_dpo.py", 1, ["--lora_rank", "8", "--global_batch", "4", "--micro_batch", "4"]),
@@ -38,8 +39,6 @@ def runs(gpus, dry):
          ["--global_batch", "2", "--micro_batch", "2", "--grad_checkpointing"]),
         ("KTO full, 8 = 2 x 4 accumulation", "sd15", "train_kto.py", 1, ["--global_batch", "8", "--micro_batch", "2"]),
         ("KTO full, 8 = 8 x 1 (whole share)", "sd15", "train_kto.py", 1, ["--global_batch", "8", "--micro_batch", "8"]),
-        ("DPO full --shard, Adafactor", "sd15", "train_dpo.py", 1,
-         ["--global_batch", "2", "--micro_batch", "2", "--shard", "--optimizer", "adafactor"]),
         ("SDXL DPO LoRA r8, checkpointing", "sdxl", "train_dpo.py", 1,
          ["--lora_rank", "8", "--global_batch", "1", "--micro_batch", "1", "--grad_checkpointing"]),
         ("SDXL KTO LoRA r8, checkpointing", "sdxl", "train_kto.py", 1,
@@ -51,6 +50,8 @@ def runs(gpus, dry):
             ("KTO full, 2 x 2 x 2", "sd15", "train_kto.py", 2, ["--global_batch", "8", "--micro_batch", "2"]),
             ("DPO full --shard, 2 processes", "sd15", "train_dpo.py", 2,
              ["--global_batch", "4", "--micro_batch", "2", "--shard", "--grad_checkpointing"]),
+            ("KTO full --shard, Adafactor, 2 x 2 x 2", "sd15", "train_kto.py", 2,
+             ["--global_batch", "8", "--micro_batch", "2", "--shard", "--optimizer", "adafactor"]),
         ]
     return [(name, model, trainer, procs, flags + ["--resolution", px[model]]) for name, model, trainer, procs, flags in out]
 
