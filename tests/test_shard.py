@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ import train_dpo
 import train_kto
 from conftest import ROOT
 from test_precision import trained_dir  # noqa: F401 (a fixture: the tiny UNet moved off its initialisation)
-from test_train_dpo import args_for, assert_same_run, records, unet_weights
+from test_train_dpo import args_for, assert_same_run, records, unet_weights, wait_for_checkpoint
 
 
 def torchrun(script, args, nproc=2, stdout=subprocess.PIPE, twin=True, **kw):
@@ -182,12 +181,7 @@ def test_sharded_kill_and_resume_is_bitwise(tiny_pipe_dir, pickapic, tmp_path):
     out = tmp_path / "out"
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe nobody reads while it runs
         proc = torchrun(script, args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "50", "--shard"), stdout=log)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text() >= "step_0000002":
-            break
-        time.sleep(0.05)
+    latest = wait_for_checkpoint(out, proc, "step_0000002")
     for pid in reversed(process_tree(proc.pid)):  # both ranks, then torchrun: no process is left to finish a save
         os.kill(pid, signal.SIGKILL)
     proc.wait()

@@ -191,6 +191,18 @@ def launch(args, nproc=1, **kw):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def wait_for_checkpoint(out, proc, name, seconds=300):
+    """Wait until the run writing to `out` has checkpoint `name` (or a later one) or has ended; returns the path of
+    its `latest` file."""
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text() >= name:
+            break
+        time.sleep(0.05)
+    return latest
+
+
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run(tiny_pipe_dir, pickapic, tmp_path):
     """SIGKILL a real run after its second checkpoint, resume it, and compare with a run that never stopped."""
@@ -198,12 +210,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_pipe_dir, pickapic, tmp_p
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, tmp_path / "ref", cache, "--max_steps", "5"))
     out = tmp_path / "out"
     proc = launch(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "50"))
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text() >= "step_0000002":
-            break
-        time.sleep(0.05)
+    latest = wait_for_checkpoint(out, proc, "step_0000002")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = latest.read_text()
