@@ -130,7 +130,7 @@ def main(argv=None):
         peak = max((r.get("peak_gb", float("nan")) for r in log), default=float("nan"))
         failed += not exact
         rows.append(f"| {name} ({model}, {px} px) | {procs} | {figure} | {'yes' if exact else 'NO'} | {batch / rate:.3f} | "
-                    f"{rate:.2f} {unit[:-2]} | {peak:.2f} |")
+                    f"{rate:.2f} {unit[:-2]} | {'n/a (CPU)' if math.isnan(peak) else f'{peak:.2f}'} |")
         print(f"{name}: done in {time.time() - t0:.0f}s")
     table = "\n".join([f"GPU check, {time.strftime('%Y-%m-%d')}, {device}, bf16, {args.steps} steps a run:", ""] + rows)
     print("\n" + table)
