@@ -173,6 +173,24 @@ def accumulation(global_batch, micro_batch, world):
     return global_batch // (micro_batch * world)
 
 
+MAX_PASSES_PER_STEP = 4
+
+
+def check_batch_against_data(global_batch, n, unit, say=print):
+    """A step of more samples than the data holds draws them several times over: warn. Past MAX_PASSES_PER_STEP
+    passes a step, stop with one line, before any model loads: the papers' batches (DPO's 2048 pairs a step) on a
+    hobbyist's few hundred labels would spend every step on repeats (and hours on a single one)."""
+    if n == 0 or global_batch <= n:
+        return
+    passes = global_batch / n
+    if passes > MAX_PASSES_PER_STEP:
+        fail(f"--global_batch {global_batch} draws each of the data's {n} {unit} {passes:.1f} times in every step; set "
+             f"--global_batch to at most {n} (a few hundred {unit}: --global_batch 8, see the README's 'Fine-tune SD1.5 "
+             f"on your likes')")
+    say(f"warning: --global_batch {global_batch} is more than the data's {n} {unit}: each step draws them "
+        f"{passes:.1f} times over")
+
+
 def describe_setup(ctx, global_batch, micro_batch, accum, unit):
     """The derived numbers and the reason for the dtype, printed once at the start."""
     precision = (f"bf16 autocast on {ctx.device.type}, fp32 trainable weights and full reference, bf16 text encoders "

@@ -54,6 +54,7 @@ def main(argv=None):
     fb = load_pairs(args.data)  # before the models: a wrong data path should not wait for SD1.5 to load
     if len(fb) == 0:
         common.fail(f"no usable pairs in {args.data}: " + fb.summary("pairs"))
+    common.check_batch_against_data(args.global_batch, len(fb), "pairs", ctx.say)
     models = load_models(args.pretrained, ctx, args.vae)
     os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
     cache = open_cache(fb, args, models, ctx)  # --latent_cache: built once and reused, or on the fly

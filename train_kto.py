@@ -80,6 +80,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # data, then models and the one-off cache of latents and text embeddings
     fb = load_singles(args.data, args.pickapic_policy)  # before the models: a wrong path should not wait for them
+    common.check_batch_against_data(args.global_batch, len(fb), "images", ctx.say)
     models = load_models(args.pretrained, ctx, args.vae)
     os.makedirs(args.out_dir, exist_ok=True)  # only once data and models are there: a failed start leaves nothing
     cache = open_cache(fb, args, models, ctx)  # --latent_cache: built once and reused, or on the fly

@@ -103,6 +103,16 @@ def test_one_step_on_hpdv2_counts_what_it_skips(tiny_pipe_dir, tmp_path, capsys)
     assert records(tmp_path / "out")[0]["loss"] == pytest.approx(0.693, abs=1e-3)  # policy = reference at step 1
 
 
+def test_a_batch_larger_than_the_data_warns_and_a_far_larger_one_stops(tiny_pipe_dir, pickapic, tmp_path, capsys):
+    """The paper's 2048 pairs a step on a hobbyist's few labels: one line before any model loads, not hours of
+    repeats. A step up to 4 times the data runs, with a warning."""
+    with pytest.raises(SystemExit, match="--global_batch 2048 draws each of the data's 8 pairs 256.0 times"):
+        train_dpo.main(args_for(tiny_pipe_dir, pickapic, tmp_path / "o", tmp_path / "c", "--global_batch", "2048"))
+    assert not (tmp_path / "o").exists()
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, tmp_path / "o", tmp_path / "c", "--global_batch", "16", "--max_steps", "1"))
+    assert "warning: --global_batch 16 is more than the data's 8 pairs: each step draws them 2.0 times" in capsys.readouterr().out
+
+
 def test_clear_errors(tiny_pipe_dir, tmp_path):
     ties_only = write_pickapic(str(tmp_path / "ties.parquet"), n=0, ties=3)
     with pytest.raises(SystemExit, match="no usable pairs.*tie: 3"):
