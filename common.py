@@ -693,6 +693,7 @@ def base_parser(description):
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
     a("--shard", action="store_true", help="full fine-tune under torchrun: shard the UNet, gradients, optimizer state and reference over the processes (FSDP2); 1/N of each per GPU")
     a("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on the CPU; bf16: bf16 autocast (also on the CPU), fp32 weights and reference; fp32: exact")
+    a("--lora_dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the kohya LoRA file the front ends load (the diffusers file stays fp32)")
     a("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw; adafactor: factored second moments, as the official SDXL DPO run (small state)")
     a("--vae", default="", help="a replacement VAE (folder or hub id), e.g. the community fp16-fix VAE for SDXL; '' = the pipeline's own")
     a("--latent_cache", choices=["posterior", "mean", "none"], default="posterior", help="what the cache stores: each image's VAE posterior (sampled every step), its mean only (half the size; deviates from sampling), or nothing (encode on the fly)")

@@ -317,10 +317,16 @@ def gathered_unet(unet, ctx):
 # ------------------------------------------------------------------------------------------------
 # the result, in the layout users load
 
-def export(out_dir, pretrained, unet, lora):
-    """A LoRA file for `pipe.load_lora_weights(out_dir)`, or a full pipeline for `from_pretrained(out_dir)` of
-    the base's class (StableDiffusionPipeline or StableDiffusionXLPipeline; the base's other parts, fp32)."""
-    Pipeline = pipeline_class(family_of(pretrained))
+LORA_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def export(out_dir, pretrained, unet, lora, resolution=None, lora_dtype="fp16"):
+    """A LoRA file for `pipe.load_lora_weights(out_dir)` (fp32) and the kohya file for the front ends (in
+    `lora_dtype`, fp16 as front-end LoRAs usually are: half the size, with the metadata they read), or a full
+    pipeline for `from_pretrained(out_dir)` of the base's class (StableDiffusionPipeline or
+    StableDiffusionXLPipeline; the base's other parts, fp32). `resolution`: the training size, for the metadata."""
+    family = family_of(pretrained)
+    Pipeline = pipeline_class(family)
     stage = os.path.join(out_dir, f".export.tmp{os.getpid()}")  # written whole here, then moved part by part
     shutil.rmtree(stage, ignore_errors=True)
     try:
@@ -332,7 +338,10 @@ def export(out_dir, pretrained, unet, lora):
             Pipeline.save_lora_weights(stage, unet_lora_layers=layers, safe_serialization=True,  # with its alpha
                                        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
             from safetensors.torch import save_file
-            save_file(kohya_lora_state_dict(unet), os.path.join(stage, KOHYA_FILE))
+            rank = unet.peft_config["default"].r
+            save_file(kohya_lora_state_dict(unet, dtype=LORA_DTYPES[lora_dtype]), os.path.join(stage, KOHYA_FILE),
+                      metadata=kohya_metadata(family, rank, unet.peft_config["default"].lora_alpha, resolution,
+                                              os.path.basename(os.path.abspath(out_dir)), lora_dtype))
         else:
             pipe = Pipeline.from_pretrained(pretrained, unet=unet, dtype=torch.float32)
             pipe.save_pretrained(stage, safe_serialization=True)
@@ -345,7 +354,29 @@ def export(out_dir, pretrained, unet, lora):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def kohya_lora_state_dict(unet, adapter="default"):
+def kohya_metadata(family, rank, alpha, resolution, title, dtype="fp16"):
+    """The header the front ends read from a kohya LoRA file (all values strings, as safetensors metadata are).
+    kohya's sd-scripts keys: AUTOMATIC1111 and Forge take the base model from `ss_base_model_version` (SDXL when it
+    starts with "sdxl_"; SD1 for any other file with metadata; "Unknown", and so offered for every checkpoint,
+    for a file without) and show `ss_network_dim` / `ss_network_alpha`, `ss_output_name` as the name. Stability's
+    ModelSpec keys (`modelspec.*`, as sd-scripts' library/sai_model_spec.py writes them for a LoRA): architecture,
+    implementation, title, resolution, date, prediction type."""
+    import datetime
+    sdxl = family == "sdxl"
+    side = resolution or (1024 if sdxl else 512)
+    return {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1", "ss_v2": "False",
+        "ss_resolution": f"({side}, {side})", "ss_output_name": title, "ss_mixed_precision": dtype,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1") + "/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+        "modelspec.title": title, "modelspec.resolution": f"{side}x{side}", "modelspec.prediction_type": "epsilon",
+        "modelspec.date": datetime.date.today().isoformat(),
+    }
+
+
+def kohya_lora_state_dict(unet, adapter="default", dtype=torch.float32):
     """The UNet's LoRA in the kohya layout the front ends load: per adapted layer `lora_unet_<module path with
     . -> _>` (ComfyUI's comfy/lora.py model_lora_keys_unet maps exactly these names for SD1.5 and SDXL, A1111's
     Lora extension converts them to its own) with `.lora_down.weight` (A, r x in), `.lora_up.weight` (B, out x r) and
@@ -356,8 +387,8 @@ def kohya_lora_state_dict(unet, adapter="default"):
     for name, module in unet.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             key, down = "lora_unet_" + name.replace(".", "_"), module.lora_A[adapter].weight
-            out[f"{key}.lora_down.weight"] = down.detach().float().cpu().contiguous()
-            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
+            out[f"{key}.lora_down.weight"] = down.detach().to(dtype).cpu().contiguous()
+            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().to(dtype).cpu().contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(module.scaling[adapter] * down.shape[0]))
     return out
 

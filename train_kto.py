@@ -232,7 +232,7 @@ def main(argv=None):
     # export: the weights in the layout users load
     unet = gathered_unet(unet, ctx)  # sharded: gathered whole onto rank 0 (every rank takes part)
     if ctx.master:
-        export(args.out_dir, args.pretrained, unet, args.lora_rank > 0)
+        export(args.out_dir, args.pretrained, unet, args.lora_rank > 0, args.resolution, args.lora_dtype)
         print(f"saved {'LoRA weights' if args.lora_rank else 'the pipeline'} to {args.out_dir}")
     common.barrier()
     common.cleanup()

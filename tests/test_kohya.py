@@ -42,7 +42,7 @@ def images(pipe_dir, unet=None, lora=None, weight_name=None):
 def test_kohya_file_gives_the_images_of_the_trained_lora(tmp_path, request, family, alpha):
     tiny_pipe_dir = request.getfixturevalue("tiny_sdxl_dir" if family == "sdxl" else "tiny_pipe_dir")
     unet = lora_unet(tiny_pipe_dir, rank=4, alpha=alpha)
-    model.export(str(tmp_path), tiny_pipe_dir, unet, lora=True)
+    model.export(str(tmp_path), tiny_pipe_dir, unet, lora=True, lora_dtype="fp32")  # exact; fp16: the next test
     kohya = load_file(str(tmp_path / model.KOHYA_FILE))
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {float(alpha)}
     trained = images(tiny_pipe_dir, unet=unet)  # the adapters in memory, as training ended
@@ -56,6 +56,36 @@ def test_kohya_file_gives_the_images_of_the_trained_lora(tmp_path, request, fami
     # the diffusers file (what load_lora_weights(out_dir) picks) agrees too: it carries the adapter's config, so
     # an alpha other than the rank is not read back as alpha = rank
     assert np.abs(images(tiny_pipe_dir, lora=str(tmp_path)) - from_kohya).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_kohya_file_is_fp16_with_the_metadata_front_ends_read(tmp_path, request, family):
+    """By default the kohya file is fp16 (half the size) and its header names the base model: AUTOMATIC1111 and
+    Forge list a LoRA without metadata as version "Unknown" and offer it for every checkpoint."""
+    from safetensors import safe_open
+    tiny_pipe_dir = request.getfixturevalue("tiny_sdxl_dir" if family == "sdxl" else "tiny_pipe_dir")
+    unet = lora_unet(tiny_pipe_dir, rank=4, alpha=8)
+    out = tmp_path / "my_likes"
+    model.export(str(out), tiny_pipe_dir, unet, lora=True, resolution=32)
+    with safe_open(str(out / model.KOHYA_FILE), "pt") as f:
+        meta = f.metadata()
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if not k.endswith(".alpha")}
+    assert dtypes == {torch.float16}
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_output_name"]) == ("4", "8.0", "my_likes")
+    sdxl = family == "sdxl"
+    # AUTOMATIC1111's and Forge's rule (extensions-builtin/Lora/network.py, NetworkOnDisk.detect_version)
+    detected = "SDXL" if meta.get("ss_base_model_version", "").startswith("sdxl_") else \
+        "SD2" if meta.get("ss_v2") == "True" else "SD1" if meta else "Unknown"
+    assert detected == ("SDXL" if sdxl else "SD1")
+    assert meta["modelspec.architecture"] == ("stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora")
+    assert meta["modelspec.resolution"] == "32x32" and meta["modelspec.title"] == "my_likes"
+    fp32 = model.kohya_lora_state_dict(unet)
+    nbytes = lambda sd: sum(v.numel() * v.element_size() for k, v in sd.items() if not k.endswith(".alpha"))
+    assert 2 * nbytes(load_file(str(out / model.KOHYA_FILE))) == nbytes(fp32)  # half the weights' bytes
+    trained = images(tiny_pipe_dir, unet=unet)
+    from_kohya = images(tiny_pipe_dir, lora=str(out), weight_name=model.KOHYA_FILE)
+    assert np.abs(from_kohya - trained).max() < 2e-2  # fp16 rounding of the adapters, far below the LoRA's effect
+    assert np.abs(trained - images(tiny_pipe_dir)).max() > 0.05
 
 
 @pytest.mark.parametrize("fixture", ["tiny_pipe_dir", "tiny_sdxl_dir"])
