@@ -99,3 +99,37 @@ def test_pairs_in_the_browser_and_train_dpo_reads_them(tmp_path, page_on):
     assert len(fb) == 2 and fb.skipped == {}
     journal = [json.loads(x) for x in open(folder / label.JOURNAL)]
     assert [r["choice"] for r in journal] == ["right", "tie", "left"]
+
+
+def test_a_held_key_labels_one_image(tmp_path, page_on):
+    """Holding `l` sends keydown after keydown (auto-repeat, event.repeat true): only the first labels, so images
+    nobody looked at are never labelled."""
+    folder = make_folder(tmp_path / "gens")
+    page = page_on(folder)
+    page.wait_for_selector("#images img")
+    page.keyboard.down("l")
+    page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of')", timeout=5000)
+    for _ in range(4):  # still held: the browser repeats the key
+        page.keyboard.down("l")
+        page.wait_for_timeout(250)
+    page.keyboard.up("l")
+    assert page.text_content("#progress").startswith("1 of 6 images done")
+    assert len(lines(folder / "metadata.jsonl")) == 1
+
+
+def test_another_page_cannot_frame_the_labelling_page(tmp_path, browser):
+    """A decoy page that frames the labelling page (and places its own button over Like) gets an empty frame:
+    the page is sent with X-Frame-Options DENY and CSP frame-ancestors 'none'."""
+    served = Served(label.Labels(str(make_folder(tmp_path / "gens")), False))
+    page = browser.new_page()
+    try:
+        url = f"http://127.0.0.1:{served.port}/"
+        page.set_content(f'<iframe src="{url}" width="900" height="600"></iframe>')
+        page.wait_for_timeout(1500)
+        framed = [f for f in page.frames if f != page.main_frame]
+        assert framed and all(f.query_selector("#progress") is None for f in framed)
+        page.goto(url)  # opened directly it works
+        page.wait_for_selector("#progress")
+    finally:
+        page.close()
+        served.close()
