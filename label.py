@@ -108,11 +108,16 @@ class Labels:
         return sorted(files), captions
 
     def replay(self, records):
-        """The journal, in order: a decision pushes, {"undo": true} pops."""
+        """The journal, in order: a decision pushes; {"undo": true, "pairs": mode} removes the last decision of that
+        mode (a journal holds both modes' decisions: undo in one never takes back the other's; an undo written
+        before modes were recorded takes the last decision, as it did then)."""
         stack = []
         for r in records:
             if r.get("undo"):
-                stack = stack[:-1]
+                kind = r.get("pairs")
+                last = [i for i, d in enumerate(stack) if kind is None or (len(d["item"]) == 2) == kind]
+                if last:
+                    del stack[last[-1]]
             elif isinstance(r.get("item"), list) and r.get("choice") in CHOICES[len(r["item"]) == 2]:
                 stack.append({"item": r["item"], "choice": r["choice"]})
         return stack
@@ -180,7 +185,7 @@ class Labels:
                                       "caption": self.captions[item[0]]}
         return {"mode": "pairs" if self.pairs else "single", "item": view(todo[0] if todo else None),
                 "next": view(todo[1] if len(todo) > 1 else None), "done": len(self.items) - len(todo),
-                "total": len(self.items), "counts": counts, "can_undo": bool(self.decisions),
+                "total": len(self.items), "counts": counts, "can_undo": bool(self.mine()),
                 "skipped": self.skip_line(), "folder": self.root, "error": error}
 
     def decide(self, item, choice):
@@ -196,12 +201,18 @@ class Labels:
             self.decisions.append({"item": item, "choice": choice})
             self.write_outputs()
 
+    def mine(self):
+        """Indices of this mode's decisions (pairs or single images) in the stack."""
+        return [i for i, d in enumerate(self.decisions) if (len(d["item"]) == 2) == self.pairs]
+
     def undo(self):
+        """Take back the last decision of this mode; the other mode's labels stay."""
         with self.lock:
-            if not self.decisions:
+            last = self.mine()
+            if not last:
                 return "nothing to undo"
-            self.append({"undo": True})
-            self.decisions.pop()
+            self.append({"undo": True, "pairs": self.pairs})
+            del self.decisions[last[-1]]
             self.write_outputs()
 
     def append(self, record):

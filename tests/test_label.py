@@ -147,6 +147,23 @@ def test_labels_survive_a_restart_undo_works_across_it_and_train_kto_reads_them(
     assert sorted(os.listdir(folder / "2024-05-01")) == ["000_0.png", "000_1.png"]  # images untouched
 
 
+def test_undo_stays_in_its_mode(tmp_path):
+    """Singles labelled, then --pairs opened on the same folder: nothing of pairs' to undo (the button is off),
+    and an undo there never takes back a single-image like, also after a restart replays the journal."""
+    folder = make_folder(tmp_path / "gens")
+    singles = label.Labels(str(folder), pairs=False)
+    first, second = singles.items[0], singles.items[1]
+    assert singles.decide(first, "liked") is None and singles.decide(second, "disliked") is None
+    pairs = label.Labels(str(folder), pairs=True)
+    assert pairs.state()["can_undo"] is False and pairs.undo() == "nothing to undo"
+    assert pairs.decide(pairs.items[0], "left") is None and pairs.state()["can_undo"] is True
+    assert pairs.undo() is None and pairs.undo() == "nothing to undo"
+    assert [d["item"] for d in label.Labels(str(folder), pairs=False).decisions] == [first, second]
+    singles = label.Labels(str(folder), pairs=False)
+    assert singles.undo() is None  # the last single-image decision, the dislike
+    assert {r["file_name"]: r["label"] for r in lines(folder / "metadata.jsonl")} == {first[0]: "liked"}
+
+
 def test_pairs_mode_writes_what_train_dpo_reads_and_counts_ties(tmp_path):
     folder = make_folder(tmp_path / "gens", per_prompt=3)  # 3 images a prompt: one pair each, one image left over
     make_folder(tmp_path / "gens" / "lonely", prompts=("only one image",), per_prompt=1)
