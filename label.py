@@ -358,6 +358,24 @@ def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidan
 
 # ------------------------------------------------------------------------------------------------
 
+LOCK = ".label.lock"
+
+
+def lock_folder(folder):
+    """Hold an exclusive lock on FOLDER/.label.lock while this process runs: a second label.py on the same folder
+    (its journal writes would interleave with this one's, and each would rewrite the labels from its own memory)
+    stops with one line. The kernel drops the lock with the process, however it ends; returns the open file."""
+    import fcntl
+    f = open(os.path.join(folder, LOCK), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        fail(f"another label.py is already serving {os.path.realpath(folder)}: use its page, or stop it first "
+             f"(two servers on one folder would overwrite each other's labels)")
+    return f
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Label images in the browser for train_kto.py (like/dislike) or "
                                 "train_dpo.py (--pairs).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -385,6 +403,7 @@ def main(argv=None):
     elif not os.path.isdir(args.folder):
         fail(f"{args.folder} is not a folder (to make images into a new folder, pass --generate MODEL --prompts FILE)")
     t0 = time.time()
+    folder_lock = lock_folder(args.folder)  # held while this process serves
     labels = Labels(args.folder, args.pairs)
     server = make_server(labels, args.host, args.port)
     state = labels.state()
@@ -395,6 +414,8 @@ def main(argv=None):
         server.serve_forever()
     except KeyboardInterrupt:
         print(f"\nstopped; labels are in {os.path.join(labels.root, PAIRS if args.pairs else METADATA)}")
+    finally:
+        folder_lock.close()
 
 
 if __name__ == "__main__":

@@ -147,6 +147,16 @@ def test_labels_survive_a_restart_undo_works_across_it_and_train_kto_reads_them(
     assert sorted(os.listdir(folder / "2024-05-01")) == ["000_0.png", "000_1.png"]  # images untouched
 
 
+def test_a_second_server_on_the_same_folder_stops_with_one_line(tmp_path):
+    folder = make_folder(tmp_path / "gens")
+    held = label.lock_folder(str(folder))  # what main() takes before it reads the journal
+    with pytest.raises(SystemExit, match="another label.py is already serving"):
+        label.lock_folder(str(folder))
+    held.close()  # the first server stops (the kernel releases its lock however it ends)
+    label.lock_folder(str(folder)).close()
+    assert label.LOCK not in label.Labels(str(folder), pairs=False).files  # a dot-file: never an image to label
+
+
 def test_undo_stays_in_its_mode(tmp_path):
     """Singles labelled, then --pairs opened on the same folder: nothing of pairs' to undo (the button is off),
     and an undo there never takes back a single-image like, also after a restart replays the journal."""
@@ -285,7 +295,7 @@ def test_generate_label_train_generate_with_the_lora(tmp_path, tiny_pipe_dir):
     finally:
         proc.send_signal(signal.SIGKILL)  # the hard way: nothing may be lost
         proc.wait()
-    assert sorted(os.listdir(folder)) == [".label_journal.jsonl", "base_00000_s0.png", "base_00000_s1.png",
+    assert sorted(os.listdir(folder)) == [".label.lock", ".label_journal.jsonl", "base_00000_s0.png", "base_00000_s1.png",
                                           "base_00001_s0.png", "base_00001_s1.png", "metadata.jsonl"]
     assert [r["label"] for r in lines(folder / "metadata.jsonl")] == ["liked", "liked", "disliked", "disliked"]
 
