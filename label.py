@@ -19,7 +19,11 @@ carried over; so are the labels of images under liked/ and disliked/ folders.
 
 Safety: binds 127.0.0.1 unless --host says otherwise; serves only the images it found inside FOLDER (a path
 with .., an absolute path, a symlink out of FOLDER: 404); a write needs the random token of this run, which only
-the served page knows (another site open in the browser gets 403), and a Host header naming this machine.
+the served page knows (another site open in the browser gets 403), and a Host header naming this machine. Served
+beyond the loopback (--host 0.0.0.0, a LAN address), every request also needs this run's key: the address printed
+at the start carries it (?key=...), the page that address opens keeps it in a same-site cookie, and anyone else on
+the network, or a page whose domain resolves to this machine (DNS rebinding), gets 403; the Host must be an IP
+address, localhost or this machine's name.
 """
 import argparse
 import errno
@@ -34,7 +38,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from common import atomic_path, fail, read_jsonl
 from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, parse_label
@@ -226,14 +230,16 @@ class Labels:
 # the server: the page, its two calls, the images
 
 class Handler(BaseHTTPRequestHandler):
-    labels, token, page, hosts = None, None, b"", None  # set by make_server
+    labels, token, page, hosts, key = None, None, b"", None, None  # set by make_server
 
     def log_message(self, *args):  # quiet: one line per image shown would bury the address
         pass
 
-    def reply(self, code, body, kind="application/json", cache="no-store"):
+    def reply(self, code, body, kind="application/json", cache="no-store", headers=()):
         body = json.dumps(body).encode() if kind == "application/json" else body
         self.send_response(code)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", cache)  # images do not change; the state does
@@ -244,15 +250,33 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def host_ok(self):  # a page of another site that resolves its own name to 127.0.0.1 still sends its name
-        return self.hosts is None or self.headers.get("Host", "") in self.hosts
+    def host_ok(self):  # a page of another site that resolves its own name to this machine still sends its name
+        host = self.headers.get("Host", "")
+        if self.hosts is not None:  # the loopback: exactly 127.0.0.1:PORT or localhost:PORT
+            return host in self.hosts
+        name = host.rsplit(":", 1)[0].strip("[]") if not host.startswith("[") else host[1:host.find("]")]
+        return is_ip(name) or name.lower() in local_names()
+
+    def key_ok(self):
+        """Beyond the loopback: this run's key, from the printed address (?key=) or the cookie its page got."""
+        if self.key is None:
+            return True
+        given = parse_qs(urlsplit(self.path).query).get("key", [""])[0]
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == "label_key":
+                given = given or value
+        return hmac.compare_digest(given.encode(), self.key.encode())
 
     def do_GET(self):
         path = urlsplit(self.path).path
         if not self.host_ok():
             return self.reply(403, {"error": "wrong Host header"})
+        if not self.key_ok():
+            return self.reply(403, {"error": "open the address label.py printed (it carries this run's key)"})
         if path == "/":
-            return self.reply(200, self.page, "text/html; charset=utf-8")
+            cookie = [("Set-Cookie", f"label_key={self.key}; HttpOnly; SameSite=Strict; Path=/")] if self.key else []
+            return self.reply(200, self.page, "text/html; charset=utf-8", headers=cookie)
         if path == "/api/state":
             with self.labels.lock:
                 return self.reply(200, self.labels.state())
@@ -265,7 +289,8 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(404, {"error": "not found"})
 
     def do_POST(self):
-        if not self.host_ok() or not hmac.compare_digest(self.headers.get("X-Label-Token", ""), self.token):
+        if not self.host_ok() or not self.key_ok() or \
+                not hmac.compare_digest(self.headers.get("X-Label-Token", "").encode(), self.token.encode()):
             return self.reply(403, {"error": "missing or wrong token: reload the page label.py printed"})
         try:
             body = json.loads(self.rfile.read(min(max(0, int(self.headers.get("Content-Length") or 0)), 1 << 16)) or b"{}")
@@ -297,10 +322,29 @@ def make_server(labels, host="127.0.0.1", port=8765):
     port = server.server_address[1]
     if host in ("127.0.0.1", "localhost"):
         handler.hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
+    else:  # reachable from the network: every request needs this run's key too
+        handler.key = secrets.token_urlsafe(16)
     with open(PAGE, encoding="utf-8") as f:
         handler.page = f.read().replace("__TOKEN__", handler.token).encode()
-    server.url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}/"
+    server.url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}/" + \
+        (f"?key={handler.key}" if handler.key else "")
     return server
+
+
+def is_ip(name):
+    import ipaddress
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def local_names():
+    """The names a browser on the network may use for this machine (an IP address is always accepted)."""
+    import socket
+    name = socket.gethostname().lower()
+    return {"localhost", name, name + ".local", socket.getfqdn().lower()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -147,6 +147,44 @@ def test_labels_survive_a_restart_undo_works_across_it_and_train_kto_reads_them(
     assert sorted(os.listdir(folder / "2024-05-01")) == ["000_0.png", "000_1.png"]  # images untouched
 
 
+def test_served_to_the_network_it_needs_the_printed_key_and_a_host_naming_this_machine(tmp_path):
+    """--host 0.0.0.0: a page whose own domain resolves to this machine (DNS rebinding) sends that domain as Host:
+    403; someone else on the network without the printed address (its ?key=): 403, for the page, the state, the
+    images and the writes; the printed address works and its page keeps the key in a same-site cookie."""
+    labels = label.Labels(str(make_folder(tmp_path / "gens")), False)
+    server = label.make_server(labels, "0.0.0.0", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, handler = server.server_address[1], server.RequestHandlerClass
+    key, token = handler.key, handler.token
+
+    def ask(method, path, host, cookie=None, body=None, tok=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Host": host, **({"Cookie": cookie} if cookie else {}), **({"X-Label-Token": tok} if tok else {})}
+        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r.status, r.getheader("Set-Cookie") or ""
+    try:
+        assert server.url.endswith(f":{port}/?key={key}") and len(key) >= 16
+        here, cookie = f"192.168.1.20:{port}", f"label_key={key}"
+        assert ask("GET", f"/?key={key}", f"evil.example:{port}")[0] == 403  # DNS rebinding, even with the key
+        assert ask("GET", "/", here)[0] == 403 and ask("GET", "/api/state", here)[0] == 403  # no key
+        image = "/img/" + labels.items[0][0]
+        assert ask("GET", image, here)[0] == 403 and ask("GET", image, here, cookie)[0] == 200
+        status, set_cookie = ask("GET", f"/?key={key}", here)
+        assert status == 200 and f"label_key={key}" in set_cookie and "SameSite=Strict" in set_cookie
+        assert ask("GET", "/api/state", here, cookie)[0] == 200 and ask("GET", "/api/state", f"localhost:{port}", cookie)[0] == 200
+        decide = {"item": labels.items[0], "choice": "liked"}
+        assert ask("POST", "/api/decide", here, body=decide, tok=token)[0] == 403  # the token alone is not enough
+        assert ask("POST", "/api/decide", here, "label_key=wrong", body=decide, tok=token)[0] == 403
+        assert ask("POST", "/api/decide", here, cookie, body=decide, tok=token)[0] == 200
+        assert labels.state()["done"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_second_server_on_the_same_folder_stops_with_one_line(tmp_path):
     folder = make_folder(tmp_path / "gens")
     held = label.lock_folder(str(folder))  # what main() takes before it reads the journal

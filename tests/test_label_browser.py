@@ -133,3 +133,25 @@ def test_another_page_cannot_frame_the_labelling_page(tmp_path, browser):
     finally:
         page.close()
         served.close()
+
+
+def test_served_to_the_network_the_printed_address_works_and_the_bare_one_does_not(tmp_path, browser):
+    import threading
+    folder = make_folder(tmp_path / "gens")
+    server = label.make_server(label.Labels(str(folder), False), "0.0.0.0", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    page = browser.new_page()
+    try:
+        bare = server.url.split("?")[0]
+        assert page.goto(bare).status == 403  # someone on the network without the printed address
+        page.goto(server.url)  # the printed address: the page, its state and images through the key's cookie
+        page.wait_for_selector("#images img")
+        assert page.eval_on_selector("#images img", "img => img.complete && img.naturalWidth") == 24
+        press(page, "l", 1)
+        page.goto(bare)  # the cookie now stands for the key
+        page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of')")
+        assert len(lines(folder / "metadata.jsonl")) == 1
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
