@@ -220,8 +220,16 @@ class Labels:
             self.write_outputs()
 
     def append(self, record):
-        with open(os.path.join(self.root, JOURNAL), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        """One record at the end of the journal, on disk before this returns. A line cut short by an earlier failed
+        write (a full disk) is closed first, so this record starts on a line of its own and is never read as part
+        of the fragment (which the replay drops)."""
+        with open(os.path.join(self.root, JOURNAL), "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            torn = False
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            f.write((b"\n" if torn else b"") + (json.dumps(record) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 
@@ -231,6 +239,7 @@ class Labels:
 
 class Handler(BaseHTTPRequestHandler):
     labels, token, page, hosts, key = None, None, b"", None, None  # set by make_server
+    timeout = 60  # seconds a connection may sit idle: a silent client does not hold a thread forever
 
     def log_message(self, *args):  # quiet: one line per image shown would bury the address
         pass
@@ -269,6 +278,27 @@ class Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode(), self.key.encode())
 
     def do_GET(self):
+        self.answer(self.get)
+
+    def do_POST(self):
+        self.answer(self.post)
+
+    def answer(self, handle):
+        """A malformed request (a NUL byte in a path, JSON nested thousands deep, undecodable bytes) gets 400 and
+        one log line, a failed write (a full disk, a read-only file) 500 with the reason, which the page shows;
+        never a traceback and a dropped connection."""
+        try:
+            handle()
+        except (ValueError, RecursionError, UnicodeError) as e:
+            print(f"label.py: rejected a malformed request ({type(e).__name__})", flush=True)
+            self.reply(400, {"error": "malformed request"})
+        except OSError as e:
+            print(f"label.py: could not save: {e.strerror or e}", flush=True)
+            with self.labels.lock:
+                self.reply(500, self.labels.state(f"could not save this label ({e.strerror or e}): it was not "
+                                                  f"recorded; free the disk or fix the folder, then try again"))
+
+    def get(self):
         path = urlsplit(self.path).path
         if not self.host_ok():
             return self.reply(403, {"error": "wrong Host header"})
@@ -288,13 +318,13 @@ class Handler(BaseHTTPRequestHandler):
                     return self.reply(200, f.read(), mimetypes.guess_type(full)[0] or "image/png", "max-age=3600")
         self.reply(404, {"error": "not found"})
 
-    def do_POST(self):
+    def post(self):
         if not self.host_ok() or not self.key_ok() or \
                 not hmac.compare_digest(self.headers.get("X-Label-Token", "").encode(), self.token.encode()):
             return self.reply(403, {"error": "missing or wrong token: reload the page label.py printed"})
         try:
             body = json.loads(self.rfile.read(min(max(0, int(self.headers.get("Content-Length") or 0)), 1 << 16)) or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             body = None
         path = urlsplit(self.path).path
         if path == "/api/decide" and isinstance(body, dict):

@@ -185,6 +185,42 @@ def test_served_to_the_network_it_needs_the_printed_key_and_a_host_naming_this_m
         server.server_close()
 
 
+def test_a_write_cut_short_does_not_swallow_the_next_label(tmp_path):
+    """A full disk cut a journal append after a few bytes; the label retried once there is room is appended on a
+    line of its own, so a restart reads it (it used to be glued to the fragment and dropped with it)."""
+    folder = make_folder(tmp_path / "gens")
+    labels = label.Labels(str(folder), pairs=False)
+    first, second = labels.items[0], labels.items[1]
+    assert labels.decide(first, "liked") is None
+    with open(folder / label.JOURNAL, "ab") as f:
+        f.write(b'{"item": ["' + second[0].encode() + b'"], "cho')  # what the cut write left
+    assert labels.decide(second, "disliked") is None  # the retry
+    assert [(d["item"], d["choice"]) for d in label.Labels(str(folder), pairs=False).decisions] == \
+        [(first, "liked"), (second, "disliked")]
+
+
+def test_malformed_requests_and_a_failed_write_get_an_answer(tmp_path, monkeypatch, capsys):
+    import errno
+    served = Served(label.Labels(str(make_folder(tmp_path / "gens")), False))
+    try:
+        assert served.request("GET", "/img/a%00b.png")[0] == 400  # a NUL byte in the path
+        assert served.post("/api/decide", "[" * 30000)[0] == 400  # JSON nested past the parser's depth
+        assert served.request("POST", "/api/undo", {}, {"X-Label-Token": "t\u00e9st"})[0] == 403  # a non-ASCII token
+        item = served.server.RequestHandlerClass.labels.items[0]
+
+        def full_disk(self, record):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(label.Labels, "append", full_disk)
+        status, state = served.post("/api/decide", {"item": item, "choice": "liked"})
+        assert status == 500 and "No space left on device" in state["error"] and state["done"] == 0
+        monkeypatch.undo()
+        assert served.post("/api/decide", {"item": item, "choice": "liked"})[0] == 200  # room again: it records
+        printed = capsys.readouterr().out
+        assert "label.py: could not save: No space left on device" in printed and "Traceback" not in printed
+    finally:
+        served.close()
+
+
 def test_a_second_server_on_the_same_folder_stops_with_one_line(tmp_path):
     folder = make_folder(tmp_path / "gens")
     held = label.lock_folder(str(folder))  # what main() takes before it reads the journal
