@@ -132,17 +132,29 @@ class Labels:
         for rel in self.files:  # liked/ and disliked/ folders (their first part, any letter case)
             label = {"liked": "liked", "disliked": "disliked"}.get(rel.split("/")[0].lower()) if "/" in rel else None
             decisions += [{"item": [rel], "choice": label}] if label else []
+        shown = {tuple(item) for item in self.items}
         for name, keys in ((METADATA, None), (PAIRS, ("chosen", "rejected"))):
             path = os.path.join(self.root, name)
             backup = path.replace(".jsonl", ".before-label.jsonl")
             if os.path.exists(path) and not os.path.exists(backup):
                 os.replace(path, backup)  # kept as it was; the new file is written from the journal
-            for row in read_jsonl(backup) if os.path.exists(backup) else []:
-                if keys is None and parse_label(row.get("label")) and isinstance(row.get("file_name"), str):
-                    decisions.append({"item": [row["file_name"]], "choice": "liked" if parse_label(row["label"]) > 0 else "disliked"})
-                elif keys and all(isinstance(row.get(k), str) for k in keys):
-                    decisions.append({"item": [row["chosen"], row["rejected"]], "choice": "left"})
-        return decisions
+            # both files when both are there: a folder copied without its dot-files (cp -r src/* dst/), or whose
+            # journal was deleted, still has every label in metadata.jsonl, which must not be rebuilt from the
+            # backup alone; the current file's labels come last and win
+            for source in (backup, path):
+                for row in read_jsonl(source) if os.path.exists(source) else []:
+                    if keys is None and parse_label(row.get("label")) and isinstance(row.get("file_name"), str):
+                        decisions.append({"item": [row["file_name"]],
+                                          "choice": "liked" if parse_label(row["label"]) > 0 else "disliked"})
+                    elif keys and all(isinstance(row.get(k), str) for k in keys):
+                        chosen, rejected = row["chosen"], row["rejected"]  # as the page shows the pair: left or right
+                        decisions.append({"item": [rejected, chosen], "choice": "right"} if (rejected, chosen) in shown
+                                         else {"item": [chosen, rejected], "choice": "left"})
+        latest = {}  # one decision per item, the last
+        for d in decisions:
+            latest.pop(tuple(d["item"]), None)
+            latest[tuple(d["item"])] = d
+        return list(latest.values())
 
     def make_pairs(self):
         """Images grouped by prompt, each image in one pair: (1st, 2nd), (3rd, 4th), ... of its group. Which one

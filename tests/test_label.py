@@ -289,6 +289,45 @@ def test_keeps_labels_and_captions_the_folder_already_has(tmp_path):
     assert fb.skipped == {"missing file": 1}  # its label is carried over too, and the trainer says it is gone
 
 
+def test_a_copy_without_dot_files_keeps_every_label(tmp_path):
+    """`cp -r src/* dst/` leaves the journal (.label_journal.jsonl) behind, or it is deleted as junk, while
+    metadata.before-label.jsonl is there: the next start keeps the labels of metadata.jsonl too (5 stay 5; it used
+    to rebuild metadata.jsonl from the backup alone: 2)."""
+    import shutil
+    src = make_folder(tmp_path / "src")
+    first_two = [{"file_name": "001_0.png", "text": "a blue ball", "label": "liked"},
+                 {"file_name": "001_1.png", "text": "a blue ball", "label": "disliked"}]
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first_two))  # not label.py's
+    labels = label.Labels(str(src), pairs=False)
+    rest = [item for item in labels.items if item[0] not in ("001_0.png", "001_1.png")]
+    for item, choice in zip(rest, ["liked", "disliked", "liked"]):
+        assert labels.decide(item, choice) is None
+    assert len(lines(src / "metadata.jsonl")) == 5
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    for name in os.listdir(src):  # the shell's * skips dot-files
+        if not name.startswith("."):
+            (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, dst / name)
+    assert not (dst / label.JOURNAL).exists() and (dst / "metadata.before-label.jsonl").exists()
+    assert len(label.Labels(str(dst), pairs=False).decisions) == 5
+    assert {r["file_name"]: r["label"] for r in lines(dst / "metadata.jsonl")} == \
+        {r["file_name"]: r["label"] for r in lines(src / "metadata.jsonl")}
+
+
+def test_carried_pairs_are_shown_as_decided_whichever_side_they_are_on(tmp_path):
+    """A pairs.jsonl the journal did not write stores [chosen, rejected]; the page shows a pair in its own (hashed)
+    order. The carried decision is recorded as the page's left or right, so the pair counts as done and is not
+    offered again (one click then gave A > B beside B > A)."""
+    folder = make_folder(tmp_path / "gens")
+    shown = label.Labels(str(make_folder(tmp_path / "scratch")), pairs=True).items  # the same names, the same order
+    a, b = shown[0]  # shown as a on the left, b on the right
+    (folder / "pairs.jsonl").write_text(json.dumps({"caption": "x", "chosen": b, "rejected": a}) + "\n")
+    labels = label.Labels(str(folder), pairs=True)
+    assert labels.state()["done"] == 1 and labels.state()["item"]["files"] != [a, b]
+    assert labels.decisions == [{"item": [a, b], "choice": "right"}]
+    assert [(r["chosen"], r["rejected"]) for r in lines(folder / "pairs.jsonl")] == [(b, a)]
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: one clear line, or a counted skip
 
