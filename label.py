@@ -71,6 +71,9 @@ class Labels:
                  f"no images with a prompt in {folder} (skipped {self.skip_line()})" if not self.files else
                  f"no two images with the same prompt in {folder}: --pairs needs 2 or more images per prompt")
         journal = os.path.join(self.root, JOURNAL)
+        for name in os.listdir(self.root):  # what a kill during a rewrite left under a temporary name (atomic_path)
+            if re.fullmatch(rf"({re.escape(METADATA)}|{re.escape(PAIRS)}|{re.escape(JOURNAL)})\.tmp\d+", name):
+                os.remove(os.path.join(self.root, name))
         try:
             self.decisions = self.replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
             write_lines(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
@@ -99,8 +102,11 @@ class Labels:
                 full = os.path.join(folder, name)
                 if name.startswith(".") or not name.lower().endswith(IMAGE_EXTS):
                     continue
-                if not os.path.realpath(full).startswith(self.root + os.sep):
+                real = os.path.realpath(full)
+                if not real.startswith(self.root + os.sep):
                     self.skipped["links out of the folder"] += 1; continue
+                if real != full and (os.path.basename(real).startswith(".") or not real.lower().endswith(IMAGE_EXTS)):
+                    self.skipped["links to something not an image"] += 1; continue  # e.g. x.png -> the journal
                 rel = os.path.relpath(full, self.root).replace(os.sep, "/")
                 caption = known.get(rel) or caption_beside(full)
                 if caption is UNREADABLE:

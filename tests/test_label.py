@@ -328,6 +328,22 @@ def test_carried_pairs_are_shown_as_decided_whichever_side_they_are_on(tmp_path)
     assert [(r["chosen"], r["rejected"]) for r in lines(folder / "pairs.jsonl")] == [(b, a)]
 
 
+def test_a_link_to_the_journal_is_not_served_and_kill_leftovers_are_cleared(tmp_path):
+    folder = make_folder(tmp_path / "gens")
+    label.Labels(str(folder), pairs=False).decide(["001_0.png"], "liked")
+    os.symlink(folder / label.JOURNAL, folder / "x.png")  # an "image" that is the journal
+    (folder / "x.txt").write_text("a prompt beside it")
+    (folder / "metadata.jsonl.tmp4242").write_text("half")  # what a kill during a rewrite leaves
+    labels = label.Labels(str(folder), pairs=False)
+    assert "x.png" not in labels.files and labels.skipped["links to something not an image"] == 1
+    assert not (folder / "metadata.jsonl.tmp4242").exists()
+    s = Served(labels)
+    try:
+        assert s.request("GET", "/img/x.png")[0] == 404
+    finally:
+        s.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: one clear line, or a counted skip
 
