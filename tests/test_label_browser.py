@@ -155,3 +155,25 @@ def test_served_to_the_network_the_printed_address_works_and_the_bare_one_does_n
         page.close()
         server.shutdown()
         server.server_close()
+
+
+def test_buttons_follow_the_arrow_keys_and_a_long_prompt_never_hides_them(tmp_path, browser):
+    """On a 1366 x 768 screen: Dislike (left arrow) left of Like (right arrow), the buttons in the window however long
+    the prompt, and each image a link to itself at full size."""
+    folder = make_folder(tmp_path / "gens", prompts=("a castle on a hill, " * 120,))
+    served = Served(label.Labels(str(folder), False))
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    try:
+        page.goto(f"http://127.0.0.1:{served.port}/")
+        page.wait_for_selector("#images img")
+        names = page.eval_on_selector_all("#buttons button", "bs => bs.map(b => b.textContent.split(' ')[0])")
+        assert names[:2] == ["Dislike", "Like"]
+        box = page.locator("#buttons").bounding_box()
+        assert box["y"] + box["height"] <= 768, box
+        assert page.get_attribute("#images a", "href") == page.get_attribute("#images img", "src")
+        page.keyboard.press("ArrowLeft")  # the left arrow is the left button's: dislike
+        page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of')")
+        assert lines(folder / "metadata.jsonl")[0]["label"] == "disliked"
+    finally:
+        page.close()
+        served.close()
