@@ -270,10 +270,11 @@ def run_floor(args, pipe_dir):
     from tqdm import tqdm
     import common
     import model
+    import parallel
     ctx = common.setup(args.seed, args.precision)
     unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet", dtype=torch.float32).to(ctx.device)
     params, reference = model.prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
-    optimizer = common.make_optimizer(args.optimizer, params, 1e-5, 1e-2)
+    optimizer = parallel.make_optimizer(args.optimizer, params, 1e-5, 1e-2)
     with open(os.path.join(pipe_dir, "vae", "config.json")) as f:  # the VAE halves the side at every level but the last
         side = args.resolution // 2 ** (len(json.load(f)["block_out_channels"]) - 1)
     n = 2 * args.micro_batch if args.algo == "dpo" else args.micro_batch  # DPO: [winners; losers] in one forward
@@ -355,7 +356,7 @@ def main(argv=None):
             print(f"built the {args.size} model with random weights in {time.time() - t0:.1f}s: {pipe_dir}")
         if not args.lora_rank:  # a full fine-tune holds weights, gradients and the fp32 reference: does it fit here?
             from safetensors import safe_open
-            import common
+            import parallel
             shapes = []
             for f in sorted(os.listdir(os.path.join(pipe_dir, "unet"))):
                 if f.endswith(".safetensors"):
@@ -363,7 +364,7 @@ def main(argv=None):
                         shapes += [sf.get_slice(k).get_shape() for k in sf.keys()]
             params = [torch.empty(shape, device="meta") for shape in shapes]
             weights = 4 * sum(p.numel() for p in params)
-            need = 3 * weights + common.optimizer_state_bytes(args.optimizer, params)
+            need = 3 * weights + parallel.optimizer_state_bytes(args.optimizer, params)
             have = torch.cuda.get_device_properties(0).total_memory if cuda else \
                 os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             print(f"full fine-tune: weights, gradients and reference {3 * weights / 2**30:.1f} GB + {args.optimizer} state "

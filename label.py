@@ -256,7 +256,7 @@ class Labels:
 # the server: the page, its two calls, the images
 
 class Handler(BaseHTTPRequestHandler):
-    labels, token, page, hosts, key = None, None, b"", None, None  # set by make_server
+    labels, token, page, hosts, key, names = None, None, b"", None, None, set()  # set by make_server
     timeout = 60  # seconds a connection may sit idle: a silent client does not hold a thread forever
 
     def log_message(self, *args):  # quiet: one line per image shown would bury the address
@@ -282,7 +282,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.hosts is not None:  # the loopback: exactly 127.0.0.1:PORT or localhost:PORT
             return host in self.hosts
         name = host.rsplit(":", 1)[0].strip("[]") if not host.startswith("[") else host[1:host.find("]")]
-        return is_ip(name) or name.lower() in local_names()
+        return is_ip(name) or name.lower() in self.names
 
     def key_ok(self):
         """Beyond the loopback: this run's key, from the printed address (?key=) or the cookie its page got."""
@@ -371,7 +371,7 @@ def make_server(labels, host="127.0.0.1", port=8765):
     if host in ("127.0.0.1", "localhost"):
         handler.hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
     else:  # reachable from the network: every request needs this run's key too
-        handler.key = secrets.token_urlsafe(16)
+        handler.key, handler.names = secrets.token_urlsafe(16), local_names()  # names looked up once, not per request
     with open(PAGE, encoding="utf-8") as f:
         handler.page = f.read().replace("__TOKEN__", handler.token).encode()
     server.url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}/" + \

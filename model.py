@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
-from common import fail, is_sharded, one_line, shard_of
+from common import fail, one_line
+from parallel import gather_whole, is_sharded, optimizer_state_bytes, shard_of
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json's _class_name
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA scripts
@@ -168,7 +169,6 @@ def memory_plan(models, params, lora, optimizer_name, need_reference, keep_froze
     """The memory training holds per GPU, part by part (activations come on top: gradient checkpointing is what
     shrinks them). Printed at the start, so a run that cannot fit says so before the first step. Under --shard
     (ctx.shard) the rows are per process of ctx.world: see sharded_plan."""
-    from common import optimizer_state_bytes
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) if m is not None else 0
     n_train = sum(p.numel() for p in params)
     n_unet = sum(p.numel() for p in models.unet.parameters()) - (n_train if lora else 0)
@@ -238,7 +238,7 @@ def load_checkpoint_unet(unet, folder):
 
 
 # ------------------------------------------------------------------------------------------------
-# sharding (--shard): the UNet split into FSDP2 units; what happens around them is in common.py
+# sharding (--shard): the UNet split into FSDP2 units; what happens around them is in parallel.py and checkpoints.py
 
 # the units FSDP2 gathers one at a time: diffusers' residual and transformer blocks, the ones gradient
 # checkpointing recomputes. Whole down/up blocks would be too coarse: SDXL's first up block holds ~1B parameters
@@ -285,7 +285,6 @@ def sharded_plan(rows, unet, params, optimizer_name, world):
     and reference 1/world each (Adafactor's state as ShardedAdafactor holds it), and what FSDP2 holds gathered while
     it computes: the root's own parameters (kept from forward to backward), the largest unit's weights and gradients
     (before their reduce-scatter) and the next unit's weights, gathered ahead (an estimate, in fp32)."""
-    from common import optimizer_state_bytes
     (_, weights), (_, grads), _, (_, reference), frozen = rows  # a full fine-tune's five rows
     groups = sorted(shard_groups(unet), key=lambda g: -g[1])
     root, (largest, n_largest), (_, n_next) = dict(groups)[""], *[g for g in groups if g[0]][:2]
@@ -304,7 +303,6 @@ def gathered_unet(unet, ctx):
     if not ctx.shard:
         return unet
     from diffusers import UNet2DConditionModel
-    from common import gather_whole
     weights = gather_whole(unet.state_dict(), ctx)
     if not ctx.master:
         return None

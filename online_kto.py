@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import common
 import train_kto
 from common import atomic_path, fail, read_jsonl, write_json
@@ -212,7 +213,7 @@ def train_round(rdir, data, last, args, r):
     """Phase 3: N steps of train_kto.py continuing round r-1's (`last`, its final checkpoint; None in round 1);
     done once its step-N checkpoint is there and whole."""
     final = final_checkpoint(rdir, args.steps)
-    if os.path.isdir(final) and common.checkpoint_problem(final) is None:
+    if os.path.isdir(final) and checkpoints.checkpoint_problem(final) is None:
         return final
     argv = ["--pretrained", args.pretrained, "--data", data, "--out_dir", os.path.join(rdir, "train"),
             "--max_steps", str(args.steps), "--seed", str(1000 * args.seed + r), "--val_every", "-1",

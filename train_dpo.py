@@ -7,8 +7,8 @@ Defaults are the paper's SD1.5 run: beta 5000, 2048 pairs per step, AdamW lr 2.0
 warm-up steps, 2000 steps, clip 1.0, 512 px, prompt dropout 0.2. The objective is in losses.py. This
 file reads top to bottom: config, processes, data, models and cache, policy and optimizer, resume, the
 loop (accumulate, step, log, save, validate), export. The mechanics it calls are in common.py
-(processes, draws, checkpoints, logging), model.py (loading, LoRA, reference, export), cache.py and
-public_data.py (every data format; the local ones in data.py).
+(processes, draws, logging), parallel.py (DDP or --shard, the optimizers), checkpoints.py, model.py (loading,
+LoRA, reference, export), cache.py and public_data.py (every data format; the local ones in data.py).
 """
 import math
 import os
@@ -17,7 +17,9 @@ import time
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import common
+import parallel
 from cache import open_cache, stack_conditions
 from evaluate import validate
 from losses import add_noise_and_target, dpo_loss, per_sample_error, sft_loss
@@ -45,7 +47,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # processes, device, precision
     ctx = common.setup(args.seed, args.precision, args.dist_timeout)
-    ctx.shard = common.use_sharding(args.shard, args.lora_rank, ctx)  # --shard: FSDP2 over the processes
+    ctx.shard = parallel.use_sharding(args.shard, args.lora_rank, ctx)  # --shard: FSDP2 over the processes
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "pairs"))
 
@@ -75,19 +77,19 @@ def main(argv=None):
     need_reference = args.loss == "dpo"
     params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference)
     if args.init_from:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
-        load_trainable_state(unet, args.lora_rank > 0, common.init_weights(args.init_from, args.lora_rank), args.init_from)
-    ddp_unet = shard_model(unet, ctx) if ctx.shard else common.wrap_ddp(unet, ctx)
+        load_trainable_state(unet, args.lora_rank > 0, checkpoints.init_weights(args.init_from, args.lora_rank), args.init_from)
+    ddp_unet = shard_model(unet, ctx) if ctx.shard else parallel.wrap_ddp(unet, ctx)
     params = [p for p in unet.parameters() if p.requires_grad]  # sharded: the DTensors fully_shard put in their place
-    optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
+    optimizer = parallel.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
     ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, need_reference, keep_frozen, ctx))
     if ctx.master:
-        common.clear_partial_checkpoints(args.out_dir)
+        checkpoints.clear_partial_checkpoints(args.out_dir)
     start_step = 0
     if args.resume:
         common.barrier()
-        start_step, weights = common.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
+        start_step, weights = checkpoints.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
         if weights is not None:
             load_trainable_state(unet, args.lora_rank > 0, weights, args.out_dir)
     if start_step >= args.max_steps:
@@ -127,7 +129,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(accum):
-            with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
+            with parallel.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
                 lat_w, lat_l, cond_w, cond_l, eps, t = pair_batch(step, micro)
                 if args.loss == "sft":  # winners only, no reference
                     x_t, target = add_noise_and_target(noise_scheduler, lat_w, eps, t)
@@ -148,7 +150,7 @@ def main(argv=None):
         stats = meter.reduce()  # host sync: one small all-reduce a step, so every rank sees a bad loss
         if not math.isfinite(stats["loss"]):
             common.fail(f"non-finite loss at step {step + 1}; stopping before the update. "
-                        f"Last good checkpoint: {common.latest_checkpoint_name(args.out_dir)}")
+                        f"Last good checkpoint: {checkpoints.latest_checkpoint_name(args.out_dir)}")
         grad_norms.append(common.clip_gradients(params, args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -161,9 +163,9 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             grad_norms, t0 = [], time.time()
         if common.due(done, args.save_every, last):
-            state = common.checkpoint_state(trainable_state(unet, args.lora_rank > 0), optimizer, ctx)  # sharded: gathered
+            state = parallel.checkpoint_state(trainable_state(unet, args.lora_rank > 0), optimizer, ctx)  # sharded: gathered
             if ctx.master:
-                common.save_checkpoint(args.out_dir, done, *state, config, args.keep_checkpoints)
+                checkpoints.save_checkpoint(args.out_dir, done, *state, config, args.keep_checkpoints)
             common.barrier()
         if args.val_every >= 0 and common.due(done, args.val_every, last):
             if ctx.master or ctx.shard:  # a sharded UNet needs every rank in its forwards; rank 0 writes the grid

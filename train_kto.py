@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import common
+import parallel
 from cache import open_cache, stack_conditions
 from evaluate import validate
 from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
@@ -73,7 +75,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # processes, device, precision
     ctx = common.setup(args.seed, args.precision, args.dist_timeout)
-    ctx.shard = common.use_sharding(args.shard, args.lora_rank, ctx)  # --shard: FSDP2 over the processes
+    ctx.shard = parallel.use_sharding(args.shard, args.lora_rank, ctx)  # --shard: FSDP2 over the processes
     accum = common.accumulation(args.global_batch, args.micro_batch, ctx.world)
     ctx.say(common.describe_setup(ctx, args.global_batch, args.micro_batch, accum, "images"))
 
@@ -104,13 +106,13 @@ def main(argv=None):
     params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
     start, flag = (args.continue_from, "--continue_from") if args.continue_from else (args.init_from, "--init_from")
     if start:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
-        load_trainable_state(unet, args.lora_rank > 0, common.init_weights(start, args.lora_rank, flag), start)
-    ddp_unet = shard_model(unet, ctx) if ctx.shard else common.wrap_ddp(unet, ctx)
+        load_trainable_state(unet, args.lora_rank > 0, checkpoints.init_weights(start, args.lora_rank, flag), start)
+    ddp_unet = shard_model(unet, ctx) if ctx.shard else parallel.wrap_ddp(unet, ctx)
     params = [p for p in unet.parameters() if p.requires_grad]  # sharded: the DTensors fully_shard put in their place
-    optimizer = common.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
+    optimizer = parallel.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     # the learning-rate schedule's step of this run's step 0: 0, or where the run it continues stopped (kept in
     # config, so in every checkpoint's state.json, for a run that continues this one)
-    config["schedule_start"] = common.continue_optimizer(args.continue_from, optimizer, args.optimizer) if args.continue_from else 0
+    config["schedule_start"] = checkpoints.continue_optimizer(args.continue_from, optimizer, args.optimizer) if args.continue_from else 0
     if args.continue_from:
         ctx.say(f"continuing {args.continue_from}: its weights and optimizer state, the learning-rate schedule at step "
                 f"{config['schedule_start']} (lr {common.lr_at(config['schedule_start'], args.lr, args.warmup_steps):.3g})")
@@ -118,11 +120,11 @@ def main(argv=None):
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
     ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, True, keep_frozen, ctx))
     if ctx.master:
-        common.clear_partial_checkpoints(args.out_dir)
+        checkpoints.clear_partial_checkpoints(args.out_dir)
     start_step = 0
     if args.resume:
         common.barrier()
-        start_step, weights = common.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
+        start_step, weights = checkpoints.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
         if weights is not None:
             load_trainable_state(unet, args.lora_rank > 0, weights, args.out_dir)
     if start_step >= args.max_steps:
@@ -190,7 +192,7 @@ def main(argv=None):
         if not one_pass:
             z_ref = kto_reference_point(torch.cat(rewards), reduce_sum=common.all_reduce_sum)  # all ranks, all images
         for micro, (x0, cond, other, eps, t, label) in enumerate(batches):
-            with common.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
+            with parallel.sync_grads(ddp_unet, ctx, micro, accum):  # DDP all-reduces on the last micro-step only
                 x_t, target = add_noise_and_target(noise_scheduler, x0, eps, t)
                 with ctx.autocast():
                     policy_err = per_sample_error(denoise(ddp_unet, x_t, t, cond), target)  # (B,)
@@ -203,7 +205,7 @@ def main(argv=None):
         stats = meter.reduce()  # host sync: one small all-reduce a step, so every rank sees a bad loss
         if not math.isfinite(stats["loss"]):
             common.fail(f"non-finite loss at step {step + 1}; stopping before the update. "
-                        f"Last good checkpoint: {common.latest_checkpoint_name(args.out_dir)}")
+                        f"Last good checkpoint: {checkpoints.latest_checkpoint_name(args.out_dir)}")
         grad_norms.append(common.clip_gradients(params, args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -216,9 +218,9 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             grad_norms, t0 = [], time.time()
         if common.due(done, args.save_every, last):
-            state = common.checkpoint_state(trainable_state(unet, args.lora_rank > 0), optimizer, ctx)  # sharded: gathered
+            state = parallel.checkpoint_state(trainable_state(unet, args.lora_rank > 0), optimizer, ctx)  # sharded: gathered
             if ctx.master:
-                common.save_checkpoint(args.out_dir, done, *state, config, args.keep_checkpoints)
+                checkpoints.save_checkpoint(args.out_dir, done, *state, config, args.keep_checkpoints)
             common.barrier()
         if args.val_every >= 0 and common.due(done, args.val_every, last):
             if ctx.master or ctx.shard:  # a sharded UNet needs every rank in its forwards; rank 0 writes the grid

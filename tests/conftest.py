@@ -16,11 +16,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def torchrun(script, *args, nproc=2):
+def torchrun(script, *args, nproc=2, twin=True):
     """The command line of `torchrun --standalone --nproc_per_node=N script ARGS` on the CPU, every rank under the
-    device twin (tests/device_twin.py): a collective handed a tensor on the host fails as it does on NCCL."""
+    device twin (tests/device_twin.py: a collective handed a tensor on the host fails as it does on NCCL) unless
+    twin=False. `script`: relative to the repository, or absolute."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            os.path.join(ROOT, "tests", "device_twin.py"), os.path.join(ROOT, script), *map(str, args)]
+            *([os.path.join(ROOT, "tests", "device_twin.py")] if twin else []), os.path.join(ROOT, script),
+            *map(str, args)]
 
 
 @pytest.fixture(scope="session")

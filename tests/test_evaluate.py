@@ -234,7 +234,7 @@ def test_lora_and_unet_folders_load(tiny_pipe_dir, tmp_path):
 @pytest.mark.parametrize("rank", [0, 2])
 def test_trainer_checkpoints_load(tiny_pipe_dir, tmp_path, rank):
     """A run part-way: out_dir/checkpoints/step_N (full UNet or LoRA adapters) evaluates as that step's model."""
-    import common
+    import checkpoints
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_pipe_dir, "unet"))
     if rank:
@@ -243,8 +243,8 @@ def test_trainer_checkpoints_load(tiny_pipe_dir, tmp_path, rank):
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))  # a trained model: moved away from the base (and B from 0)
-    common.save_checkpoint(str(tmp_path), 3, model.trainable_state(unet, rank > 0), torch.optim.AdamW(params),
-                           {"lora_rank": rank})
+    checkpoints.save_checkpoint(str(tmp_path), 3, model.trainable_state(unet, rank > 0), torch.optim.AdamW(params),
+                                {"lora_rank": rank})
     folder = str(tmp_path / "checkpoints" / "step_0000003")
     assert model.model_kind(folder) == "checkpoint"
     p = model.load_pipeline(tiny_pipe_dir, folder, model.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)

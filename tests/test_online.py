@@ -121,7 +121,7 @@ def test_killed_in_a_phase_then_rerun_equals_uninterrupted(tiny_pipe_dir, uninte
     weights and every round's record are those of an uninterrupted run, bitwise on the CPU."""
     out = tmp_path / "run"
     module, name = {"generate": (online_kto, "save_png"), "label": (online_kto, "score_files"),
-                    "train": (train_kto.common, "save_checkpoint")}[phase]
+                    "train": (train_kto.checkpoints, "save_checkpoint")}[phase]
     real, saved = getattr(module, name), []
 
     def dying(*a, **k):

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,19 +22,17 @@ from safetensors.torch import load_file
 import bench
 import train_dpo
 import train_kto
-from conftest import ROOT
+from conftest import ROOT, torchrun
 from test_precision import trained_dir  # noqa: F401 (a fixture: the tiny UNet moved off its initialisation)
 from test_train_dpo import args_for, assert_same_run, records, unet_weights, wait_for_checkpoint
 
 
-def torchrun(script, args, nproc=2, stdout=subprocess.PIPE, twin=True, **kw):
-    """`script` under torchrun on the CPU (gloo), one thread a process, each rank under the device twin
-    (tests/device_twin.py: a collective handed a host tensor fails as on NCCL) unless twin=False; returns the Popen
+def launch(script, args, nproc=2, stdout=subprocess.PIPE, twin=True, **kw):
+    """`script` under torchrun on the CPU (gloo, conftest.torchrun), one thread a process; returns the Popen
     (output in .stdout)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    twin = [os.path.join(ROOT, "tests", "device_twin.py")] if twin else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *twin, script, *args]
-    return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(torchrun(script, *args, nproc=nproc, twin=twin), env=env, stdout=stdout,
+                            stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def process_tree(pid):
@@ -115,9 +112,9 @@ def test_sharded_dpo_equals_one_rank_and_ddp(tiny_pipe_dir, pickapic, tmp_path):
     cache = tmp_path / "cache"
     run = ("--max_steps", "3", "--micro_batch", "1", "--lr", "1e-4", "--beta", "100")
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, tmp_path / "one", cache, *run))
-    ddp = torchrun(os.path.join(ROOT, "train_dpo.py"), args_for(tiny_pipe_dir, pickapic, tmp_path / "ddp", cache, *run))
+    ddp = launch(os.path.join(ROOT, "train_dpo.py"), args_for(tiny_pipe_dir, pickapic, tmp_path / "ddp", cache, *run))
     finish(ddp)
-    output = finish(torchrun(os.path.join(ROOT, "train_dpo.py"), args_for(
+    output = finish(launch(os.path.join(ROOT, "train_dpo.py"), args_for(
         tiny_pipe_dir, pickapic, tmp_path / "shard", cache, *run, "--shard", "--grad_checkpointing", "--val_every", "3",
         "--val_seeds", "1", "--val_steps", "2", "--val_prompts", "a red square")))
     assert "4 pairs = 2 x micro-batch 1 x 2 accumulation steps" in output and "sharded over the processes (FSDP2)" in output
@@ -153,7 +150,7 @@ def test_sharded_kto_equals_one_rank(tiny_pipe_dir, pickapic, tmp_path):
     run = ("--max_steps", "3", "--global_batch", "8", "--micro_batch", "2", "--lr", "1e-4", "--beta", "100",
            "--ref_point", "mismatched", "--desirable_share", "0.5")
     train_kto.main(args_for(tiny_pipe_dir, pickapic, tmp_path / "one", cache, *run))
-    finish(torchrun(os.path.join(ROOT, "train_kto.py"), args_for(tiny_pipe_dir, pickapic, tmp_path / "shard", cache, *run,
+    finish(launch(os.path.join(ROOT, "train_kto.py"), args_for(tiny_pipe_dir, pickapic, tmp_path / "shard", cache, *run,
                                                                   "--shard")))
     first = records(tmp_path / "shard")[0]
     assert (first["reward_d"], first["reward_u"], first["ref_point"]) == (0.0, 0.0, 0.0)
@@ -165,7 +162,7 @@ def test_sharded_kto_equals_one_rank(tiny_pipe_dir, pickapic, tmp_path):
     shutil.rmtree(mixed / "checkpoints" / "step_0000003")
     (mixed / "checkpoints" / "latest").write_text("step_0000002")
     (mixed / "log.jsonl").write_text("".join((tmp_path / "one" / "log.jsonl").read_text().splitlines(keepends=True)[:2]))
-    output = finish(torchrun(os.path.join(ROOT, "train_kto.py"), args_for(tiny_pipe_dir, pickapic, mixed, cache, *run,
+    output = finish(launch(os.path.join(ROOT, "train_kto.py"), args_for(tiny_pipe_dir, pickapic, mixed, cache, *run,
                                                                            "--shard", "--resume")))
     assert "(step 2)" in output and [r["step"] for r in records(mixed)] == [1, 2, 3]
     assert_same_run(tmp_path / "one", mixed, one, unet_weights(str(mixed)), base, 1e-4, 3)
@@ -177,17 +174,17 @@ def test_sharded_kill_and_resume_is_bitwise(tiny_pipe_dir, pickapic, tmp_path):
     with a sharded run that never stopped: bitwise. Then one process resumes the sharded checkpoint: the same files."""
     cache = tmp_path / "cache"
     script = os.path.join(ROOT, "train_dpo.py")
-    finish(torchrun(script, args_for(tiny_pipe_dir, pickapic, tmp_path / "ref", cache, "--max_steps", "5", "--shard")))
+    finish(launch(script, args_for(tiny_pipe_dir, pickapic, tmp_path / "ref", cache, "--max_steps", "5", "--shard")))
     out = tmp_path / "out"
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe nobody reads while it runs
-        proc = torchrun(script, args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "50", "--shard"), stdout=log)
+        proc = launch(script, args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "50", "--shard"), stdout=log)
     latest = wait_for_checkpoint(out, proc, "step_0000002")
     for pid in reversed(process_tree(proc.pid)):  # both ranks, then torchrun: no process is left to finish a save
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     killed_at = latest.read_text()
     assert "step_00000" in killed_at and int(killed_at[5:]) < 5, killed_at
-    output = finish(torchrun(script, args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "5", "--shard",
+    output = finish(launch(script, args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "5", "--shard",
                                               "--resume")))
     assert f"resumed from {out / 'checkpoints' / killed_at}" in output
     a, b = unet_weights(str(tmp_path / "ref")), unet_weights(str(out))
@@ -200,7 +197,7 @@ ADAFACTOR_CHECK = r'''
 import sys, torch, torch.distributed as dist
 from types import SimpleNamespace
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-import common
+import parallel
 dist.init_process_group("gloo")
 mesh, ctx = init_device_mesh("cpu", (2,)), SimpleNamespace(shard=True, master=dist.get_rank() == 0)
 # uneven and empty shards (rank 1 holds no row of a (1, 4) weight), matrices, vectors, conv weights
@@ -210,7 +207,7 @@ start = [torch.randn(s, generator=g) for s in shapes]
 grads = [[torch.randn(s, generator=g) * (k + 1) for s in shapes] for k in range(4)]
 shard = lambda t: torch.nn.Parameter(distribute_tensor(t.detach().clone(), mesh, [Shard(0)]))
 plain, sharded = [torch.nn.Parameter(w.clone()) for w in start], [shard(w) for w in start]
-reference, ours = common.make_optimizer("adafactor", plain, 0.1, 0.01), common.make_optimizer("adafactor", sharded, 0.1, 0.01)
+reference, ours = parallel.make_optimizer("adafactor", plain, 0.1, 0.01), parallel.make_optimizer("adafactor", sharded, 0.1, 0.01)
 assert type(reference).__name__ == "Adafactor" and type(ours).__name__ == "ShardedAdafactor"
 
 def step(k, params, opt, sharded):
@@ -222,12 +219,12 @@ for k in range(2):
     step(k, plain, reference, False)
     step(k, sharded, ours, True)
 # a checkpoint's round trip: gathered whole on rank 0, read by every rank, cut back into shards by a new optimizer
-_, saved = common.checkpoint_state({}, ours, ctx)
+_, saved = parallel.checkpoint_state({}, ours, ctx)
 saved = [saved]
 dist.broadcast_object_list(saved, src=0)
 resumed = [shard(p.full_tensor()) for p in sharded]
-again = common.make_optimizer("adafactor", resumed, 0.1, 0.01)
-common.load_optimizer_state(again, saved[0])
+again = parallel.make_optimizer("adafactor", resumed, 0.1, 0.01)
+parallel.load_optimizer_state(again, saved[0])
 for k in range(2, 4):
     step(k, plain, reference, False)
     step(k, sharded, ours, True)
@@ -236,7 +233,7 @@ for s, a, b, c, w in zip(shapes, plain, sharded, resumed, start):
     b, c = b.full_tensor(), c.full_tensor()
     assert (a - b).abs().max() < 1e-6 * (a - w).abs().max() * 10, (s, (a - b).abs().max())
     assert torch.equal(b, c), s
-state, whole = reference.state_dict()["state"], common.checkpoint_state({}, ours, ctx)[1]["state"]
+state, whole = reference.state_dict()["state"], parallel.checkpoint_state({}, ours, ctx)[1]["state"]
 if ctx.master:  # transformers' keys and shapes: the file a DDP run writes
     assert all({k: getattr(v, "shape", v) for k, v in state[i].items()} == {k: getattr(v, "shape", v) for k, v in whole[i].items()}
                for i in state)
@@ -252,7 +249,7 @@ def test_sharded_adafactor_is_transformers_adafactor(tmp_path):
     bitwise."""
     script = tmp_path / "adafactor_check.py"
     script.write_text(ADAFACTOR_CHECK)
-    assert "adafactor check passed" in finish(torchrun(str(script), [], twin=False))  # its tensors are made on the CPU
+    assert "adafactor check passed" in finish(launch(str(script), [], twin=False))  # its tensors are made on the CPU
 
 
 @pytest.mark.slow
@@ -261,11 +258,11 @@ def test_sharded_bf16_step_one_is_exact(trained_dir, pickapic, tmp_path):  # noq
     are 0, exactly, on a UNet whose outputs are not trivial; step 2 has moved away from the reference."""
     run = ("--max_steps", "2", "--precision", "bf16", "--micro_batch", "1", "--beta", "5000", "--shard",
            "--grad_checkpointing", "--save_every", "0")
-    finish(torchrun(os.path.join(ROOT, "train_dpo.py"), args_for(trained_dir, pickapic, tmp_path / "dpo", tmp_path / "c", *run)))
+    finish(launch(os.path.join(ROOT, "train_dpo.py"), args_for(trained_dir, pickapic, tmp_path / "dpo", tmp_path / "c", *run)))
     first, second = records(tmp_path / "dpo")
     assert first["loss"] == math.log(2) or first["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert first["reward_margin"] == 0.0 and first["implicit_acc"] == 0.0 and second["reward_margin"] != 0.0
-    finish(torchrun(os.path.join(ROOT, "train_kto.py"), args_for(trained_dir, pickapic, tmp_path / "kto", tmp_path / "c", *run,
+    finish(launch(os.path.join(ROOT, "train_kto.py"), args_for(trained_dir, pickapic, tmp_path / "kto", tmp_path / "c", *run,
                                                                   "--global_batch", "8", "--desirable_share", "0.5")))
     first, second = records(tmp_path / "kto")
     assert 0 < first["desirable_share"] < 1
