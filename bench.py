@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; nev
 
 import torch
 
-from common import atomic_path, fail
+from files import atomic_path, fail
 
 # -----------------------------------------------------------------------------
 # config

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import barrier, fail, save_safetensors, write_json
+from common import barrier
+from files import fail, save_safetensors, write_json
 from data import read_images
 from model import encode_prompts, time_ids
 

@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from common import atomic_path, fail, one_line, sha256_file
+from files import atomic_path, fail, one_line, sha256_file
 from parallel import load_optimizer_state
 
 

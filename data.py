@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from common import fail
+from files import fail
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -281,6 +281,27 @@ def singles_from_class_folders(path, folders):
     return singles_from_entries(fb, entries)
 
 
+def image_complete(p):
+    """False for an image file cut short (a copy or a save still running, a kill during one): a PNG must end with
+    its IEND chunk, a JPEG with its end-of-image marker (a few padding bytes after it are allowed), a WebP must be
+    as long as its RIFF header says. Reads the header and the last bytes only; other files count as complete."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(12)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 64))
+            tail = f.read()
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" in tail[-32:]
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return int.from_bytes(head[4:8], "little") + 8 <= size
+    return True
+
+
 UNREADABLE = object()  # caption_beside's answer for a file PIL cannot open: counted as unreadable, not captionless
 
 
@@ -327,12 +348,31 @@ def caption_beside(p):
     try:
         graph = json.loads(info.get("prompt") or "{}")
         for node in graph.values():
-            link = node.get("inputs", {}).get("positive")  # [node id, output index]
-            text = graph.get(str(link[0]), {}).get("inputs", {}).get("text") if isinstance(link, list) else None
-            if isinstance(text, str) and text.strip():
-                return text.strip()
+            text = comfy_text(graph, node.get("inputs", {}).get("positive"))
+            if text:
+                return text
     except (ValueError, AttributeError, TypeError, IndexError):
         pass  # not a ComfyUI graph
+    return None
+
+
+COMFY_TEXT = ("text", "text_g", "value", "string", "text_l")  # CLIPTextEncode, CLIPTextEncodeSDXL, primitives
+COMFY_THROUGH = ("conditioning", "conditioning_1", "conditioning_to", "positive")  # ControlNet, combine, ...
+
+
+def comfy_text(graph, link, depth=0):
+    """The prompt behind a sampler's positive input in ComfyUI's API graph ({node id: {"class_type", "inputs"}},
+    a link is [node id, output index]): the node's text (CLIPTextEncode's `text`, CLIPTextEncodeSDXL's `text_g`),
+    a text wired in from another node (a primitive or string node) followed to its value, and conditioning
+    passed through another node (ControlNet, Conditioning Combine) followed to the text it started from."""
+    if not isinstance(link, list) or not link or depth > 20:
+        return None
+    inputs = graph.get(str(link[0]), {}).get("inputs", {})
+    for key in COMFY_TEXT + COMFY_THROUGH:
+        value = inputs.get(key)
+        text = value.strip() if isinstance(value, str) and key in COMFY_TEXT else comfy_text(graph, value, depth + 1)
+        if text:
+            return text
     return None
 
 

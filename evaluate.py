@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import PRECISIONS, atomic_path, autocast_for, fail, resolve_precision, write_json
+from common import PRECISIONS, autocast_for, resolve_precision
+from files import atomic_path, fail, write_json
 from model import load_pipeline, load_scheduler, model_kind, sampling_pipeline
 from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, SCORERS, load_scorers
 

@@ -59,7 +59,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from common import atomic_path, fail, one_line, save_safetensors
+from files import atomic_path, fail, one_line, save_safetensors
 from data import decode, pickapic_batches, read_images
 from public_data import hpdv2_file, load_pairs, pairs_format, pairs_identity, parquet_files, read_pickapic, write_pairs
 from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, is_function, load_clip, load_function

@@ -10,10 +10,12 @@ ComfyUI, Fooocus, or a .txt beside the image) or from a metadata.jsonl already t
 or changed. label.py writes into FOLDER:
 - metadata.jsonl, one {"file_name", "text", "label": "liked"|"disliked"} per image: `train_kto.py --data FOLDER`
 - pairs.jsonl, one {"caption", "chosen", "rejected"} per decided pair: `train_dpo.py --data FOLDER/pairs.jsonl`
-- .label_journal.jsonl: every decision in order (skips, ties and undos too), the source of both files.
-A decision is appended to the journal and fsynced before the page moves on; the two files are then rewritten
-under a temporary name and renamed, so a trainer never reads half a file and a killed server loses nothing.
-A restart replays the journal: the page opens on the first undecided image, and undo goes on working.
+- .label_journal.jsonl: every decision in order (skips, ties and undos too), the record both files are built from.
+A decision is appended to the journal and fsynced before the page moves on, then its line is appended to
+metadata.jsonl or pairs.jsonl (one write; a failed one is cut back, so neither file ever holds half a line); an undo
+rewrites the file whole under a temporary name and renames it. A restart replays the journal and rewrites both
+files from it: the page opens on the first undecided image, and undo goes on working. Images it does not show
+are counted, and listed with why on the page; skipped images can be shown again.
 A metadata.jsonl or pairs.jsonl that label.py did not write is kept as *.before-label.jsonl and its labels
 carried over; so are the labels of images under liked/ and disliked/ folders.
 
@@ -40,8 +42,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from common import atomic_path, fail, read_jsonl
-from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, parse_label
+from files import atomic_path, fail, read_jsonl
+from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, image_complete, parse_label
 
 JOURNAL, METADATA, PAIRS = ".label_journal.jsonl", "metadata.jsonl", "pairs.jsonl"
 CHOICES = {False: ("liked", "disliked", "skip"), True: ("left", "right", "tie", "skip")}  # single images, pairs
@@ -64,6 +66,7 @@ class Labels:
     def __init__(self, folder, pairs):
         self.root, self.pairs, self.lock = os.path.realpath(folder), pairs, threading.Lock()
         self.skipped = Counter()  # reason -> count, shown on the page and printed
+        self.not_shown = []  # (file, reason) of each image found but not shown: the page lists them
         self.files, self.captions = self.scan()
         self.items = self.make_pairs() if pairs else [[f] for f in self.files]
         if not self.items:  # checked before anything is written
@@ -77,9 +80,14 @@ class Labels:
         try:
             self.decisions = self.replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
             write_lines(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
+            self.reindex()
             self.write_outputs()
         except OSError as e:
             fail(f"cannot write into {folder} ({e.strerror or e}): label.py keeps its labels there")
+
+    def leave_out(self, rel, why):
+        self.skipped[why] += 1
+        self.not_shown.append((rel, why))
 
     def skip_line(self):
         return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
@@ -103,34 +111,24 @@ class Labels:
                 if name.startswith(".") or not name.lower().endswith(IMAGE_EXTS):
                     continue
                 real = os.path.realpath(full)
-                if not real.startswith(self.root + os.sep):
-                    self.skipped["links out of the folder"] += 1; continue
-                if real != full and (os.path.basename(real).startswith(".") or not real.lower().endswith(IMAGE_EXTS)):
-                    self.skipped["links to something not an image"] += 1; continue  # e.g. x.png -> the journal
                 rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                if not real.startswith(self.root + os.sep):
+                    self.leave_out(rel, "links out of the folder"); continue
+                if real != full and (os.path.basename(real).startswith(".") or not real.lower().endswith(IMAGE_EXTS)):
+                    self.leave_out(rel, "links to something not an image"); continue  # e.g. x.png -> the journal
                 caption = known.get(rel) or caption_beside(full)
                 if caption is UNREADABLE:
-                    self.skipped["unreadable images"] += 1; continue
+                    self.leave_out(rel, "unreadable images"); continue
+                if not image_complete(full):  # its header reads, its end is missing: the trainer would drop it
+                    self.leave_out(rel, "incomplete images (cut short, or still being written)"); continue
                 if not caption:
-                    self.skipped["images without a prompt (no .txt beside it, none in the PNG)"] += 1; continue
+                    self.leave_out(rel, "images without a prompt (no .txt beside it, none in the PNG)"); continue
                 files.append(rel)
                 captions[rel] = caption
         return sorted(files), captions
 
     def replay(self, records):
-        """The journal, in order: a decision pushes; {"undo": true, "pairs": mode} removes the last decision of that
-        mode (a journal holds both modes' decisions: undo in one never takes back the other's; an undo written
-        before modes were recorded takes the last decision, as it did then)."""
-        stack = []
-        for r in records:
-            if r.get("undo"):
-                kind = r.get("pairs")
-                last = [i for i, d in enumerate(stack) if kind is None or (len(d["item"]) == 2) == kind]
-                if last:
-                    del stack[last[-1]]
-            elif isinstance(r.get("item"), list) and r.get("choice") in CHOICES[len(r["item"]) == 2]:
-                stack.append({"item": r["item"], "choice": r["choice"]})
-        return stack
+        return replay(records)
 
     def carry_over(self):
         """First run in this folder: keep the labels the folder already has, and the files that held them."""
@@ -172,43 +170,65 @@ class Labels:
         for group in groups.values():
             for a, b in zip(group[0::2], group[1::2]):
                 pairs.append([b, a] if hashlib.sha256(f"{a}\0{b}".encode()).digest()[0] & 1 else [a, b])
+            if len(group) % 2:
+                self.leave_out(group[-1], "images without a partner (no other image of its prompt left to pair it with)")
         return pairs
 
-    # --- what the trainers read, rewritten whole after every decision
+    # --- what the trainers read: rewritten whole at the start and after an undo, one line appended per decision
+
+    def output_line(self, item, choice):
+        """(file, line) a decision adds to metadata.jsonl or pairs.jsonl, or None (a skip, a tie)."""
+        if len(item) == 1 and choice in ("liked", "disliked"):
+            return METADATA, json.dumps({"file_name": item[0], "text": self.caption(item[0]), "label": choice})
+        if len(item) == 2 and choice in ("left", "right"):
+            chosen, rejected = item if choice == "left" else item[::-1]
+            return PAIRS, json.dumps({"caption": self.caption(chosen), "chosen": chosen, "rejected": rejected})
+        return None
 
     def write_outputs(self):
-        liked, pairs = {}, []
+        lines = {METADATA: {}, PAIRS: {}}  # one row per image (or pair): the last decision on it wins
         for d in self.decisions:
-            item, choice = d["item"], d["choice"]
-            if len(item) == 1 and choice in ("liked", "disliked"):
-                liked[item[0]] = choice  # the last decision on an image wins
-            elif len(item) == 2 and choice in ("left", "right"):
-                chosen, rejected = item if choice == "left" else item[::-1]
-                pairs.append(json.dumps({"caption": self.caption(chosen), "chosen": chosen, "rejected": rejected}))
-        rows = [json.dumps({"file_name": f, "text": self.caption(f), "label": y}) for f, y in liked.items()]
-        for name, lines in ((METADATA, rows), (PAIRS, pairs)):  # never an empty file that was not there before:
+            out = self.output_line(d["item"], d["choice"])
+            if out:
+                lines[out[0]].pop(tuple(d["item"]), None)
+                lines[out[0]][tuple(d["item"])] = out[1]
+        for name, rows in lines.items():  # never an empty file that was not there before:
             path = os.path.join(self.root, name)  # it would hide liked/ and disliked/ folders from train_kto.py
-            if lines or os.path.exists(path):
-                write_lines(path, lines)
+            if rows or os.path.exists(path):
+                write_lines(path, rows.values())
+        self.stale = False
 
     def caption(self, rel):  # a carried-over label of an image that is gone keeps its old caption, if any
         return self.captions.get(rel) or self.known.get(rel) or ""
 
     # --- the page's three questions: what now, decide, undo
 
+    def reindex(self):
+        """What the page asks after each decision, kept up to date by decide() instead of recounted from the whole
+        stack (a decision costs the same with 5000 made as with none): rebuilt here after a start or an undo."""
+        self.decided = {tuple(d["item"]): d["choice"] for d in self.decisions}
+        self.counts = Counter(self.decided[tuple(i)] for i in self.items if tuple(i) in self.decided)
+        self.n_mine, self.cursor = len(self.mine()), 0  # every item before the cursor is decided
+
+    def todo(self, n):
+        """The first n undecided items in the list's order."""
+        while self.cursor < len(self.items) and tuple(self.items[self.cursor]) in self.decided:
+            self.cursor += 1
+        found, i = [], self.cursor
+        while i < len(self.items) and len(found) < n:
+            if tuple(self.items[i]) not in self.decided:
+                found.append(self.items[i])
+            i += 1
+        return found
+
     def state(self, error=None):
-        decided = {tuple(d["item"]): d["choice"] for d in self.decisions}
-        todo = [item for item in self.items if tuple(item) not in decided]
-        counts = {c: 0 for c in CHOICES[self.pairs]}
-        for item in self.items:
-            if tuple(item) in decided:
-                counts[decided[tuple(item)]] += 1
+        todo = self.todo(2) + [None, None]
         view = lambda item: item and {"files": item, "urls": ["/img/" + quote(f) for f in item],
                                       "caption": self.captions[item[0]]}
-        return {"mode": "pairs" if self.pairs else "single", "item": view(todo[0] if todo else None),
-                "next": view(todo[1] if len(todo) > 1 else None), "done": len(self.items) - len(todo),
-                "total": len(self.items), "counts": counts, "can_undo": bool(self.mine()),
-                "skipped": self.skip_line(), "folder": self.root, "error": error}
+        return {"mode": "pairs" if self.pairs else "single", "item": view(todo[0]), "next": view(todo[1]),
+                "done": sum(self.counts.values()), "total": len(self.items),
+                "counts": {c: self.counts[c] for c in CHOICES[self.pairs]}, "can_undo": self.n_mine > 0,
+                "skipped": self.skip_line(), "not_shown": len(self.not_shown), "folder": self.root, "error": error}
 
     def decide(self, item, choice):
         """Record one decision; returns an error line for bad input (the page shows it), else None."""
@@ -217,11 +237,30 @@ class Labels:
         with self.lock:
             if item not in self.items:
                 return f"not an image of this folder's list: {item!r}"
-            if any(d["item"] == item for d in self.decisions):
+            if tuple(item) in self.decided:
                 return "already decided (in another tab?): showing the next one"
-            self.append({"item": item, "choice": choice})
+            self.append({"item": item, "choice": choice})  # the record: on disk before anything else changes
             self.decisions.append({"item": item, "choice": choice})
-            self.write_outputs()
+            self.decided[tuple(item)] = choice
+            self.counts[choice] += 1
+            self.n_mine += 1
+            return self.update_outputs(item, choice)
+
+    def update_outputs(self, item=None, choice=None):
+        """metadata.jsonl or pairs.jsonl gets the decision's line (none for a skip or a tie). A write that fails
+        (a full disk) is cut back, so the file stays whole without it; the label is in the journal already, and
+        the file is rewritten whole from it at the next decision or start."""
+        try:
+            if self.stale:
+                self.write_outputs()
+            else:
+                out = self.output_line(item, choice)
+                if out:
+                    append_line(os.path.join(self.root, out[0]), out[1], durable=False)  # the journal is durable
+        except OSError as e:
+            self.stale = True
+            return (f"saved in the journal, but {PAIRS if self.pairs else METADATA} could not be updated "
+                    f"({e.strerror or e}): it is rewritten from the journal at the next decision or start")
 
     def mine(self):
         """Indices of this mode's decisions (pairs or single images) in the stack."""
@@ -235,21 +274,72 @@ class Labels:
                 return "nothing to undo"
             self.append({"undo": True, "pairs": self.pairs})
             del self.decisions[last[-1]]
-            self.write_outputs()
+            self.reindex()
+            self.stale = True  # an undone line may sit anywhere in the file: rewritten whole
+            return self.update_outputs()
+
+    def unskip(self):
+        """Show this mode's skipped images (or pairs) again: they return to the queue in the list's order."""
+        with self.lock:
+            if not any(d["choice"] == "skip" and (len(d["item"]) == 2) == self.pairs for d in self.decisions):
+                return "nothing skipped"
+            self.append({"unskip": True, "pairs": self.pairs})
+            self.decisions = replay([{"unskip": True, "pairs": self.pairs}], self.decisions)
+            self.reindex()
 
     def append(self, record):
-        """One record at the end of the journal, on disk before this returns. A line cut short by an earlier failed
-        write (a full disk) is closed first, so this record starts on a line of its own and is never read as part
-        of the fragment (which the replay drops)."""
-        with open(os.path.join(self.root, JOURNAL), "ab+") as f:
-            f.seek(0, os.SEEK_END)
-            torn = False
-            if f.tell():
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-            f.write((b"\n" if torn else b"") + (json.dumps(record) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        """One record at the end of the journal, on disk (fsynced) before this returns."""
+        append_line(os.path.join(self.root, JOURNAL), json.dumps(record))
+
+
+def append_line(path, line, durable=True):
+    """One line at the end of a file in one write. A line cut short by an earlier kill is closed first, so this one
+    starts on a line of its own and is never read as part of the fragment (which readers drop); a write that fails
+    (a full disk) is cut back, so the file is never left holding half of this line."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        torn = end > 0 and os.pread(fd, 1, end - 1) != b"\n"
+        data = (b"\n" if torn else b"") + (line + "\n").encode("utf-8")
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            if durable:
+                os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, end)  # needs no free space
+            raise
+    finally:
+        os.close(fd)
+
+
+def replay(records, stack=None):
+    """label.py's journal, in order, as the stack of decisions it leaves: a decision pushes (an unknown choice is
+    ignored); {"undo": true, "pairs": mode} removes the last decision of that mode (a journal holds both modes'
+    decisions: undo in one never takes back the other's; an undo written before modes were recorded takes the
+    last decision, as it did then); {"unskip": true, "pairs": mode} removes that mode's skips (shown again)."""
+    stack = list(stack or [])
+    for r in records:
+        kind = r.get("pairs")
+        if r.get("undo"):
+            last = [i for i, d in enumerate(stack) if kind is None or (len(d["item"]) == 2) == kind]
+            if last:
+                del stack[last[-1]]
+        elif r.get("unskip"):
+            stack = [d for d in stack if d["choice"] != "skip" or (len(d["item"]) == 2) != kind]
+        elif isinstance(r.get("item"), list) and r.get("choice") in CHOICES[len(r["item"]) == 2]:
+            stack.append({"item": r["item"], "choice": r["choice"]})
+    return stack
+
+
+def decisions_in(folder):
+    """The decisions label.py holds for FOLDER, replayed from its journal: {file: choice} for single images
+    ("liked", "disliked" or "skip"; the last decision wins). Read while a label.py serves the folder, too."""
+    out = {}
+    for d in replay(read_jsonl(os.path.join(folder, JOURNAL))):
+        if len(d["item"]) == 1:
+            out[d["item"][0]] = d["choice"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,6 +418,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/state":
             with self.labels.lock:
                 return self.reply(200, self.labels.state())
+        if path == "/api/not_shown":  # the images found but not shown, each with why
+            return self.reply(200, [{"file": f, "why": why} for f, why in self.labels.not_shown])
         if path.startswith("/img/"):
             rel = unquote(path[len("/img/"):])
             full = os.path.realpath(os.path.join(self.labels.root, rel))
@@ -349,12 +441,15 @@ class Handler(BaseHTTPRequestHandler):
             error = self.labels.decide(body.get("item"), body.get("choice"))
         elif path == "/api/undo":
             error = self.labels.undo()
+        elif path == "/api/unskip":
+            error = self.labels.unskip()
         else:
-            return self.reply(400, {"error": "expected POST /api/decide {item, choice} or /api/undo"})
+            return self.reply(400, {"error": "expected POST /api/decide {item, choice}, /api/undo or /api/unskip"})
         if error:
-            print(f"label.py: rejected a request: {error}", flush=True)
+            print(f"label.py: {error}", flush=True)
         with self.labels.lock:
-            self.reply(400 if error and not error.startswith(("already", "nothing")) else 200, self.labels.state(error))
+            self.reply(400 if error and not error.startswith(("already", "nothing", "saved")) else 200,
+                       self.labels.state(error))
 
 
 def make_server(labels, host="127.0.0.1", port=8765):

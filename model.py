@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import fail, one_line
+from files import fail, one_line
 from parallel import gather_whole, is_sharded, optimizer_state_bytes, shard_of
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json's _class_name

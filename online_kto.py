@@ -48,7 +48,8 @@ from tqdm import tqdm
 import checkpoints
 import common
 import train_kto
-from common import atomic_path, fail, read_jsonl, write_json
+from files import atomic_path, fail, one_line, read_jsonl, write_json
+from label import decisions_in
 from evaluate import generate, generate_batch, load_prompts, parse_args as evaluate_defaults, save_png
 from model import load_pipeline, load_scheduler
 from scorers import load_scorers, scorer_name
@@ -149,23 +150,21 @@ def judge_labels(scorer, folder, prompts, seeds, share):
 
 
 def person_labels(folder, names, poll):
-    """Wait until label.py has a label for every image of the round (liked, disliked, or a skip in its journal),
-    looking every `poll` seconds; returns the liked and disliked rows of its metadata.jsonl."""
+    """Wait until label.py has a decision on every image of the round (liked, disliked or skipped: its journal,
+    replayed by label.py itself) and its metadata.jsonl holds them, looking every `poll` seconds; returns the
+    liked and disliked rows of that metadata.jsonl (what the round trains on)."""
     print(f"label this round's {len(names)} images in the browser, then this run goes on by itself:\n"
           f"    python label.py {folder}", flush=True)
     bar = tqdm(total=len(names), desc="labelled by you")
     while True:
-        rows = read_jsonl(os.path.join(folder, "metadata.jsonl"))
-        decided = {os.path.normpath(r["file_name"]): r for r in rows if isinstance(r.get("file_name"), str)}
-        stack = []  # label.py's journal, replayed as it does: a decision pushes, an undo pops; skips live only here
-        for r in read_jsonl(os.path.join(folder, ".label_journal.jsonl")):
-            stack = stack[:-1] if r.get("undo") else stack + [r] if isinstance(r.get("item"), list) else stack
-        skipped = {os.path.normpath(r["item"][0]) for r in stack if len(r["item"]) == 1 and r.get("choice") == "skip"}
-        done = sum(n in decided or n in skipped for n in names)
-        bar.update(done - bar.n)
-        if done == len(names):
-            bar.close()
-            return [r for r in decided.values() if r.get("label") in ("liked", "disliked")]
+        decided = decisions_in(folder)
+        bar.update(sum(n in decided for n in names) - bar.n)
+        if bar.n == len(names):
+            rows = {r.get("file_name"): r for r in read_jsonl(os.path.join(folder, "metadata.jsonl"))}
+            liked = {n: c for n, c in decided.items() if c in ("liked", "disliked")}
+            if all(rows.get(n, {}).get("label") == c for n, c in liked.items()):  # the file has caught up
+                bar.close()
+                return [rows[n] for n in liked]
         time.sleep(poll)
 
 
@@ -204,7 +203,7 @@ def native_resolution(pretrained):
         vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
     except Exception as e:
         fail(f"cannot read the UNet and VAE configs of {pretrained!r} for its native resolution (or pass --resolution): "
-             f"{common.one_line(e)}")
+             f"{one_line(e)}")
     size = unet["sample_size"]
     return (size if isinstance(size, int) else size[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
 

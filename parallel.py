@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from common import fail
+from files import fail
 
 
 def make_optimizer(name, params, lr, weight_decay):

@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from common import atomic_path, fail, one_line
+from files import atomic_path, fail, one_line
 from data import (Feedback, decode, is_kto_csv, load_pairs_jsonl, read_images, singles_from_class_folders,
                   singles_from_kto_csv, singles_from_metadata, CLASS_FOLDERS)
 
@@ -370,7 +370,7 @@ def jpeg_bytes(fb, i, image=None):
 
 
 def write_pairs(fb, rows, out, columns=None, batch_rows=1024):
-    """Pairs `rows` of fb (winner first) to `out`, written whole or not at all (common.atomic_path):
+    """Pairs `rows` of fb (winner first) to `out`, written whole or not at all (files.atomic_path):
     - .parquet in the Pick-a-Pic v2 schema: caption, jpg_0 (the preferred image's JPEG bytes), jpg_1, label_0 1.0,
       label_1 0.0, image_0_uid, image_1_uid (the image's path), best_image_uid; every loader reads it as Pick-a-Pic;
     - .jsonl of {"caption", "chosen", "rejected"} with image paths relative to the JSONL's folder (data.load_pairs_jsonl).

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import reward_models
-from common import fail, one_line
+from files import fail, one_line
 
 # PickScore's weights, and the processor its authors use with them (its own repo has none)
 PICKSCORE_MODEL, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

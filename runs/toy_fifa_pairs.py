@@ -18,7 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from common import fail
+from files import fail
 from toy.palette import redness
 from toy.red_user import boost_red, write_pickapic_parquet
 

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from common import fail
+from files import fail
 
 COLUMNS = [("judge_eval_mean", "redness", lambda x: f"{x:.4f}"), ("like_rate", "like-rate", lambda x: f"{100 * x:.0f}%"),
            ("fidelity_eval_mean", "color acc", lambda x: f"{100 * x:.1f}%")]

@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from common import fail
+from files import fail
 from evaluate import median_index, win_rate  # the protocol's own functions
 
 

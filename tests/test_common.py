@@ -4,7 +4,7 @@
 """
 import pytest
 
-from common import atomic_path, read_jsonl, write_json
+from files import atomic_path, read_jsonl, write_json
 
 
 def test_atomic_writes_never_remove_what_they_should_not(tmp_path):

@@ -450,3 +450,35 @@ def test_unreachable_hub_id_names_it_and_the_options(monkeypatch):
     msg = str(e.value)
     assert msg.count("\n") == 0 and "yuvalkirstain/pickapic_v2" in msg and "RepositoryNotFoundError" in msg
     assert "a local copy" in msg and "a mirror in the same schema" in msg and "HPDv2" in msg
+
+
+def test_comfyui_prompts_from_sdxl_nodes_primitives_and_through_conditioning(tmp_path):
+    """ComfyUI's API graph: CLIPTextEncodeSDXL's text_g, a text wired in from a primitive node, and a prompt whose
+    conditioning passes through a ControlNet node before the sampler."""
+    graphs = {
+        "sdxl.png": {"3": {"class_type": "KSamplerAdvanced", "inputs": {"positive": ["6", 0], "negative": ["7", 0]}},
+                     "6": {"class_type": "CLIPTextEncodeSDXL", "inputs": {"text_g": "an sdxl lighthouse", "text_l": "x",
+                                                                          "clip": ["4", 1], "width": 1024}},
+                     "7": {"class_type": "CLIPTextEncodeSDXL", "inputs": {"text_g": "ugly", "text_l": "ugly"}}},
+        "primitive.png": {"3": {"class_type": "KSampler", "inputs": {"positive": ["6", 0], "negative": ["7", 0]}},
+                          "6": {"class_type": "CLIPTextEncode", "inputs": {"text": ["9", 0], "clip": ["4", 1]}},
+                          "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "ugly"}},
+                          "9": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a wired-in prompt"}}},
+        "controlnet.png": {"3": {"class_type": "KSampler", "inputs": {"positive": ["11", 0], "negative": ["7", 0]}},
+                           "11": {"class_type": "ControlNetApply", "inputs": {"conditioning": ["6", 0],
+                                                                              "control_net": ["12", 0]}},
+                           "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a guided tower"}},
+                           "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "ugly"}}},
+    }
+    for name, graph in graphs.items():
+        save(tmp_path / name, pnginfo=png_text(prompt=json.dumps(graph)))
+    assert {name: data.caption_beside(str(tmp_path / name)) for name in graphs} == {
+        "sdxl.png": "an sdxl lighthouse", "primitive.png": "a wired-in prompt", "controlnet.png": "a guided tower"}
+
+
+def test_an_image_cut_short_is_told_from_a_whole_one(tmp_path):
+    for fmt, name in (("PNG", "a.png"), ("JPEG", "a.jpg"), ("WEBP", "a.webp")):
+        save(tmp_path / name, fmt=fmt)
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / ("cut_" + name)).write_bytes(whole[:len(whole) * 2 // 3])
+        assert data.image_complete(str(tmp_path / name)) and not data.image_complete(str(tmp_path / ("cut_" + name))), fmt

@@ -451,3 +451,77 @@ def test_generate_with_an_sdxl_base_writes_prompts_data_reads_back(tmp_path, tin
     labels = label.Labels(str(tmp_path / "gens"), pairs=True)
     assert sorted(labels.items[0]) == ["xl_00000_s0.png", "xl_00000_s1.png"] and len(labels.items) == 1
     assert labels.captions["xl_00000_s0.png"] == "a red square, studio light"
+
+
+# ------------------------------------------------------------------------------------------------
+# the page without torch, a decision's cost, skipped images again, what is not shown and why
+
+def test_the_page_loads_without_torch():
+    """Only --generate needs torch (1.6 s and 228 MB to import): label.py itself imports PIL and numpy."""
+    out = subprocess.run([sys.executable, "-c", "import sys, label; print(sorted(m for m in ('torch', 'diffusers', "
+                          "'transformers') if m in sys.modules))"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_decision_appends_its_line_and_a_failed_append_leaves_the_file_whole(tmp_path, monkeypatch):
+    """With 5000 decisions made a decision still writes one line: metadata.jsonl is appended to (the same file, not
+    a new one renamed over it), rewritten whole only at a start and after an undo."""
+    folder = make_folder(tmp_path / "gens", prompts=tuple(f"prompt {i}" for i in range(5)), per_prompt=2)
+    labels = label.Labels(str(folder), pairs=False)
+    files = [item[0] for item in labels.items]
+    assert labels.decide([files[0]], "liked") is None
+    meta = folder / "metadata.jsonl"
+    inode = os.stat(meta).st_ino
+    for f in files[1:4]:
+        assert labels.decide([f], "disliked") is None
+    assert os.stat(meta).st_ino == inode and [r["file_name"] for r in lines(meta)] == files[:4]
+    real_write = os.write
+
+    def full_disk(fd, data):  # the journal's line fits; half of metadata.jsonl's does, then the disk is full
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith("metadata.jsonl"):
+            return real_write(fd, data)
+        real_write(fd, data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "write", full_disk)
+    error = labels.decide([files[4]], "liked")
+    monkeypatch.setattr(os, "write", real_write)
+    assert error.startswith("saved in the journal, but metadata.jsonl could not be updated (No space left on device)")
+    assert [r["file_name"] for r in lines(meta)] == files[:4]  # whole: the half line was cut back
+    assert label.decisions_in(str(folder))[files[4]] == "liked"  # the journal has it
+    assert labels.decide([files[5]], "liked") is None  # the next decision rewrites the file whole from the journal
+    assert [r["file_name"] for r in lines(meta)] == files[:6]
+    assert labels.undo() is None and [r["file_name"] for r in lines(meta)] == files[:5]
+    assert label.Labels(str(folder), pairs=False).state()["done"] == 5
+
+
+def test_skipped_images_can_be_shown_again(tmp_path, served):
+    folder = make_folder(tmp_path / "gens")
+    s = served(folder)
+    first = json.loads(s.request("GET", "/api/state")[1])
+    a = first["item"]["files"]
+    s.post("/api/decide", {"item": a, "choice": "skip"})
+    b = s.post("/api/decide", {"item": first["next"]["files"], "choice": "liked"})[1]
+    c = s.post("/api/decide", {"item": b["item"]["files"], "choice": "skip"})[1]
+    assert c["counts"]["skip"] == 2 and c["done"] == 3
+    status, again = s.post("/api/unskip", {})
+    assert status == 200 and again["counts"]["skip"] == 0 and again["done"] == 1
+    assert again["item"]["files"] == a  # back in the queue, in the folder's order
+    assert s.post("/api/unskip", {})[1]["error"] == "nothing skipped"
+    s.close()
+    restarted = label.Labels(str(folder), pairs=False).state()  # the journal keeps the unskip
+    assert restarted["done"] == 1 and restarted["item"]["files"] == a
+
+
+def test_every_image_not_shown_is_listed_with_why(tmp_path, served):
+    folder = make_folder(tmp_path / "gens", per_prompt=3)  # pairs: the third image of each prompt has no partner
+    Image.new("RGB", (8, 8)).save(folder / "bare.png")
+    whole = (folder / "001_0.png").read_bytes()
+    (folder / "001_9.png").write_bytes(whole[:len(whole) - 20])  # a save still running: its header reads
+    s = served(folder, pairs=True)
+    state = json.loads(s.request("GET", "/api/state")[1])
+    listed = {row["file"]: row["why"] for row in json.loads(s.request("GET", "/api/not_shown")[1])}
+    assert state["not_shown"] == len(listed) == 5
+    assert listed["bare.png"].startswith("images without a prompt")
+    assert listed["001_9.png"].startswith("incomplete images")
+    assert sorted(f for f, why in listed.items() if why.startswith("images without a partner")) == \
+        ["001_2.png", "002_2.png", "2024-05-01/000_2.png"]

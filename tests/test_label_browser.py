@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from PIL import Image
 
 import public_data
 import label
@@ -115,6 +116,27 @@ def test_a_held_key_labels_one_image(tmp_path, page_on):
     page.keyboard.up("l")
     assert page.text_content("#progress").startswith("1 of 6 images done")
     assert len(lines(folder / "metadata.jsonl")) == 1
+
+
+def test_skipped_images_come_back_and_the_page_lists_what_it_does_not_show(tmp_path, page_on):
+    folder = make_folder(tmp_path / "gens")
+    Image.new("RGB", (8, 8)).save(folder / "bare.png")  # no prompt: not shown
+    page = page_on(folder)
+    page.wait_for_selector("#images img")
+    assert page.query_selector("#unskip") is None  # nothing skipped yet
+    press(page, "s", 1)
+    press(page, "l", 2)
+    press(page, "s", 3)
+    assert page.get_attribute("#images img", "alt") == "002_1.png"
+    page.click("#unskip")  # "Show the 2 skipped again"
+    page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of')")
+    assert page.get_attribute("#images img", "alt") == "001_0.png"  # the first skipped image, shown again
+    assert page.query_selector("#unskip") is None
+    assert page.text_content("#skipped") == "not shown: 1 images without a prompt (no .txt beside it, none in the PNG)"
+    page.click("#skipped")  # opens the list of names
+    page.wait_for_selector("#notshownlist li")
+    assert page.text_content("#notshownlist") == "bare.png: images without a prompt (no .txt beside it, none in the PNG)"
+    assert page.is_visible("#buttons button.good")  # the list does not hide the buttons
 
 
 def test_another_page_cannot_frame_the_labelling_page(tmp_path, browser):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import label
 import online_kto
 import train_kto
 
@@ -167,26 +168,23 @@ def test_offline_labels_the_base_samples_up_front(tiny_pipe_dir, uninterrupted, 
 
 
 def test_person_judge_waits_for_the_labels_file(tiny_pipe_dir, tmp_path, capsys):
-    """--judge person prints label.py's command and waits; a 'person' (a thread) writes metadata.jsonl as label.py
-    does, one decision at a time, and a skip into its journal; the round then trains on those labels."""
+    """--judge person prints label.py's command and waits; a 'person' (a thread) labels the round through label.py's
+    own Labels, as its page would, one decision at a time: a like taken back by undo, then a skip; the round then
+    trains on those labels."""
     out = tmp_path / "person"
     folder = os.path.join(out, "round_001", "images")
 
     def person():
-        path = os.path.join(folder, "metadata.jsonl")
         while not (os.path.isdir(folder) and len([n for n in os.listdir(folder) if n.endswith(".png")]) == 8):
             time.sleep(0.05)
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
-        rows = []
+        labels = label.Labels(folder, pairs=False)
+        names = [item[0] for item in labels.items]
+        assert len(names) == 8
         for k, name in enumerate(names[:-1]):  # the last one is skipped
-            rows.append({"file_name": name, "text": "x", "label": "liked" if k % 2 == 0 else "disliked"})
-            with open(path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            os.replace(path + ".tmp", path)
+            assert labels.decide([name], "liked" if k % 2 == 0 else "disliked") is None
             time.sleep(0.05)
-        with open(os.path.join(folder, ".label_journal.jsonl"), "w") as f:
-            f.write(json.dumps({"item": [names[-1]], "choice": "liked"}) + "\n" + json.dumps({"undo": True}) + "\n")
-            f.write(json.dumps({"item": [names[-1]], "choice": "skip"}) + "\n")
+        assert labels.decide([names[-1]], "liked") is None and labels.undo() is None
+        assert labels.decide([names[-1]], "skip") is None
     thread = threading.Thread(target=person, daemon=True)
     thread.start()
     online_kto.main(run_args(tiny_pipe_dir, out, "--judge", "person", "--rounds", "1", "--poll", "0.1"))

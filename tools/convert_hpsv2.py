@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reward_models  # noqa: E402
-from common import fail  # noqa: E402
+from files import fail  # noqa: E402
 from scorers import PICKSCORE_PROCESSOR, load_tokenizer, state_dict_of  # noqa: E402
 
 

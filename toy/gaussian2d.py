@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 
 import losses
-from common import fail
+from files import fail
 
 BASE_MEAN, BASE_STD = (0.5, 0.8), 0.2  # pretraining data N((0.5, 0.8), 0.04 I)
 GOOD_MEAN, BAD_MEAN, MODE_STD = (0.3, 0.8), (0.3, 0.6), 0.1  # desirable / undesirable N(., 0.01 I)
