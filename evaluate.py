@@ -33,7 +33,7 @@ from tqdm import tqdm
 from common import PRECISIONS, autocast_for, resolve_precision
 from files import atomic_path, fail, write_json
 from model import load_pipeline, load_scheduler, model_kind, sampling_pipeline
-from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, SCORERS, load_scorers
+from scorers import SCORERS, add_scorer_args, load_scorers
 
 # ------------------------------------------------------------------------------------------------
 # generation
@@ -269,22 +269,7 @@ def parse_args(argv):
     p.add_argument("--scorers", default="pickscore,clip,aesthetic,hpsv2,imagereward",
                    help=f"comma-separated, from {', '.join(SCORERS)}, or module:function, your own "
                         f"f(images, prompts) -> one number per image; the first picks the grid's images")
-    p.add_argument("--pickscore_model", default=PICKSCORE_MODEL, help="PickScore: hub id or folder")
-    p.add_argument("--pickscore_processor", default=PICKSCORE_PROCESSOR, help="its processor")
-    p.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP for the CLIP score")
-    p.add_argument("--aesthetic_clip", default="openai/clip-vit-large-patch14", help="CLIP for the aesthetic head")
-    p.add_argument("--aesthetic_weights", default="trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
-                   help="aesthetic MLP weights: a file or repo:filename (.safetensors, or a tensors-only .pth)")
-    p.add_argument("--hpsv2_weights", default="xswu/HPSv2:HPS_v2.1_compressed.pt",
-                   help="HPSv2: a transformers CLIP folder or hub id (tools/convert_hpsv2.py writes one), or the official "
-                        "open_clip checkpoint, a file or repo:filename, converted on load "
-                        "(xswu/HPSv2:HPS_v2_compressed.pt for HPSv2.0)")
-    p.add_argument("--hpsv2_tokenizer", default=PICKSCORE_PROCESSOR,
-                   help="HPSv2's CLIP tokenizer (hub id or folder) when --hpsv2_weights is an open_clip checkpoint")
-    p.add_argument("--imagereward_weights", default="THUDM/ImageReward:ImageReward.pt",
-                   help="ImageReward: the official ImageReward.pt, a file or repo:filename")
-    p.add_argument("--imagereward_tokenizer", default="google-bert/bert-base-uncased",
-                   help="ImageReward's tokenizer (bert-base-uncased): hub id or folder")
+    add_scorer_args(p)  # where each named scorer's weights come from
     p.add_argument("--score_batch_size", type=int, default=32, help="images per scorer call")
     p.add_argument("--grid_prompts", type=int, default=16, help="rows of grid.png: the first K prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")

@@ -76,3 +76,11 @@ def sha256_file(path, block=1 << 20):
         for chunk in iter(lambda: f.read(block), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_model_path(name, what="model", expected="a diffusers pipeline folder or a hub id like "
+                                                  "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+    """A path-like name that is not a folder (./x, /x, ~/x, a/b/c, a bare word) is a typo, not a hub id (owner/name):
+    say so in one line instead of asking the hub for it."""
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        fail(f"{what} not found: {name} (expected {expected})")

@@ -42,7 +42,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from files import atomic_path, fail, read_jsonl
+from files import atomic_path, check_model_path, fail, read_jsonl
 from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, image_complete, parse_label
 
 JOURNAL, METADATA, PAIRS = ".label_journal.jsonl", "metadata.jsonl", "pairs.jsonl"
@@ -515,8 +515,7 @@ def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidan
     if os.path.isdir(model) and kind is None:
         fail(f"--generate {model}: not a pipeline folder (model_index.json) nor a trainer's out_dir "
              "(pytorch_lora_weights.safetensors, or a full pipeline)")
-    if not os.path.isdir(model) and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        fail(f"--generate {model}: no such folder, and not a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
+    check_model_path(model, "--generate")
     base = model if kind in (None, "pipeline") else pretrained or trained_base(model) or "stable-diffusion-v1-5/stable-diffusion-v1-5"
     prompts = load_prompts(prompts)
     if not prompts:

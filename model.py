@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from files import fail, one_line
+from files import check_model_path, fail, one_line
 from parallel import gather_whole, is_sharded, optimizer_state_bytes, shard_of
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json's _class_name
@@ -26,13 +26,6 @@ KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA for AUTOMATIC1111, Forge 
 
 # ------------------------------------------------------------------------------------------------
 # loading for training
-
-def check_model_path(name, what="model"):
-    """A path-like name that is not a folder is a typo, not a hub id: say so instead of querying the hub."""
-    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-        fail(f"{what} not found: {name} (expected a diffusers pipeline folder or a hub id like "
-             f"stable-diffusion-v1-5/stable-diffusion-v1-5)")
-
 
 def family_of(pretrained):
     """'sd' or 'sdxl', from the pipeline class in model_index.json; another class gets one clear line."""

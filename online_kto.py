@@ -50,9 +50,9 @@ import common
 import train_kto
 from files import atomic_path, fail, one_line, read_jsonl, write_json
 from label import decisions_in
-from evaluate import generate, generate_batch, load_prompts, parse_args as evaluate_defaults, save_png
+from evaluate import generate, generate_batch, load_prompts, save_png
 from model import load_pipeline, load_scheduler
-from scorers import load_scorers, scorer_name
+from scorers import SCORER_FLAGS, add_scorer_args, load_scorers, scorer_name
 
 EVAL_SEED = 10 ** 8  # evaluation seeds EVAL_SEED + 0..E-1: the same for every run, apart from the training samples'
 SEEDS_PER_RUN = 10 ** 5  # training samples of run seed S, round r: S * SEEDS_PER_RUN + (r - 1) * K + 0..K-1
@@ -89,6 +89,7 @@ def get_args(argv=None):
     a("--train_args", default="", help="more train_kto.py flags, one string, e.g. '--utility loss_averse'")
     a("--cache_dir", default="", help="train_kto.py's latent cache; '' = OUT/cache")
     a("--poll", type=float, default=5.0, help="--judge person: seconds between looks at the labels file")
+    add_scorer_args(p)  # where a named --judge or --fidelity scorer loads from (evaluate.py's flags)
     return p.parse_args(argv)
 
 
@@ -270,10 +271,9 @@ def main(argv=None):
     # device, judge and fidelity scorers (before any sampling: one that cannot load stops the run now)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = common.autocast_for(device, common.resolve_precision("auto", device.type == "cuda"))
-    scorer_args = evaluate_defaults(["--prompts", "-", "--out", "-"])  # the named scorers' model ids
     person = args.judge == "person"
-    judge = None if person else load_scorers([args.judge], scorer_args, device)
-    fidelity = load_scorers([args.fidelity], scorer_args, device) if args.fidelity else {}
+    judge = None if person else load_scorers([args.judge], args, device)
+    fidelity = load_scorers([args.fidelity], args, device) if args.fidelity else {}
     judge_name, fidelity_name = (None if person else scorer_name(args.judge)), (scorer_name(args.fidelity) if args.fidelity else None)
     if judge_name and judge_name == fidelity_name:
         fail(f"--judge and --fidelity are both {judge_name}: the fidelity check must be another score")
@@ -293,7 +293,8 @@ def main(argv=None):
     if os.path.exists(run_path):
         with open(run_path) as f:
             old = json.load(f)
-        changed = [k for k in run if old.get(k) != run[k]]
+        # a run from before online_kto.py took the scorer flags used their defaults
+        changed = [k for k in run if old.get(k, SCORER_FLAGS.get(k, [None])[0]) != run[k]]
         if "schedule" in changed:
             fail(f"{args.out} was made by an older online_kto.py, which restarted the optimizer and the warm-up in every "
                  f"round: use another --out")

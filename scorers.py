@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import reward_models
-from files import fail, one_line
+from files import check_model_path, fail, one_line
 
 # PickScore's weights, and the processor its authors use with them (its own repo has none)
 PICKSCORE_MODEL, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -34,9 +34,7 @@ def load_clip(model, processor=None, device="cpu", dtype=torch.float32):
     from transformers import AutoProcessor, CLIPModel
     processor = processor or model
     for name in (model, processor):
-        # a path-like name that is not a folder is a typo, not a hub id: say so instead of querying the hub
-        if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            fail(f"CLIP model or processor folder not found: {name}")
+        check_model_path(name, "CLIP model or processor folder", "a folder or a hub id like openai/clip-vit-large-patch14")
     try:
         clip = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval()
         proc = AutoProcessor.from_pretrained(processor, backend="pil")  # PIL preprocessing: no torchvision
@@ -175,8 +173,7 @@ def load_imagereward(weights, tokenizer, device):
 
 
 def load_tokenizer(scorer, cls, name):
-    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-        fail(f"{scorer}: tokenizer folder not found: {name}")
+    check_model_path(name, f"{scorer}: tokenizer folder", "a folder or a hub id like google-bert/bert-base-uncased")
     try:
         return cls.from_pretrained(name)
     except Exception as e:
@@ -252,6 +249,34 @@ def load_function(spec):
     if not callable(fn):
         fail(f"{spec!r} is not a function")
     return fn
+
+
+# where each named scorer's weights come from: flag -> (default, the official files; help)
+SCORER_FLAGS = {
+    "pickscore_model": (PICKSCORE_MODEL, "PickScore: hub id or folder"),
+    "pickscore_processor": (PICKSCORE_PROCESSOR, "its processor"),
+    "clip_model": ("openai/clip-vit-large-patch14", "CLIP for the CLIP score"),
+    "aesthetic_clip": ("openai/clip-vit-large-patch14", "CLIP for the aesthetic head"),
+    "aesthetic_weights": ("trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
+                          "aesthetic MLP weights: a file or repo:filename (.safetensors, or a tensors-only .pth)"),
+    "hpsv2_weights": ("xswu/HPSv2:HPS_v2.1_compressed.pt",
+                      "HPSv2: a transformers CLIP folder or hub id (tools/convert_hpsv2.py writes one), or the official "
+                      "open_clip checkpoint, a file or repo:filename, converted on load (xswu/HPSv2:HPS_v2_compressed.pt "
+                      "for HPSv2.0)"),
+    "hpsv2_tokenizer": (PICKSCORE_PROCESSOR,
+                        "HPSv2's CLIP tokenizer (hub id or folder) when --hpsv2_weights is an open_clip checkpoint"),
+    "imagereward_weights": ("THUDM/ImageReward:ImageReward.pt",
+                            "ImageReward: the official ImageReward.pt, a file or repo:filename"),
+    "imagereward_tokenizer": ("google-bert/bert-base-uncased",
+                              "ImageReward's tokenizer (bert-base-uncased): hub id or folder"),
+}
+
+
+def add_scorer_args(p):
+    """SCORER_FLAGS as flags of an argparse parser: evaluate.py and online_kto.py take the same ones, load_scorers
+    reads them from the parsed args."""
+    for flag, (default, help) in SCORER_FLAGS.items():
+        p.add_argument(f"--{flag}", default=default, help=help)
 
 
 def scorer_name(spec):
