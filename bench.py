@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; nev
 
 import torch
 
-from files import atomic_path, fail
+from files import PRECISIONS, atomic_path, fail
 
 # -----------------------------------------------------------------------------
 # config
@@ -62,7 +62,7 @@ SIZE_DEFAULTS = {
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 a = parser.add_argument
 a("--size", choices=list(SIZE_DEFAULTS), default="small", help="tiny/small: SD-shaped toys (toy/models.py); sd15, sdxl: the real SD1.5 / SDXL UNet configuration, random weights (default: %(default)s)")
-a("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the trainers' --precision: auto is bf16 on CUDA, fp32 on the CPU; bf16 runs under CPU autocast too (default: %(default)s)")
+a("--precision", choices=PRECISIONS, default="auto", help="the trainers' --precision: auto is bf16 on CUDA, fp32 on the CPU; bf16 runs under CPU autocast too (default: %(default)s)")
 a("--optimizer", choices=["adamw", "adafactor"], default="adamw", help="the trainers' --optimizer (default: %(default)s)")
 a("--algo", choices=["dpo", "kto"], default="dpo", help="which trainer to time: train_dpo.py or train_kto.py (default: %(default)s)")
 a("--ref_point", choices=["batch", "mismatched"], default="batch", help="KTO only: reference-point mode; mismatched costs one more no-grad forward of each model (default: %(default)s)")

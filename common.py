@@ -14,13 +14,12 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from files import fail  # noqa: F401 (common.fail: the trainers need one import for the mechanics and their errors)
+from files import PRECISIONS, fail  # common.fail: a trainer needs one import for the mechanics and its errors
 
 
 # ------------------------------------------------------------------------------------------------
 # processes, device, precision
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision, cuda):

@@ -15,12 +15,9 @@ Writes to --out: images/<model>/<prompt>_s<seed>.png (a rerun skips images alrea
 scores.json (every score), results.md (the tables, also printed) and grid.png (one row per prompt,
 one column per model, each cell the model's median image under the first scorer).
 
-The scorers themselves are in scorers.py, the pipelines in model.py. This file also draws the trainers'
-validation grids (`validate`), with the same generation and the same labelled grid.
+The scorers themselves are in scorers.py, the pipelines in model.py, generation and the grids in sample.py.
 """
 import argparse
-import csv
-import glob
 import json
 import math
 import os
@@ -32,171 +29,9 @@ from tqdm import tqdm
 
 from common import PRECISIONS, autocast_for, resolve_precision
 from files import atomic_path, fail, write_json
-from model import load_pipeline, load_scheduler, model_kind, sampling_pipeline
+from model import load_pipeline, load_scheduler, model_kind
+from sample import PROMPT_SETS, generate_missing, load_prompts, save_grid
 from scorers import SCORERS, add_scorer_args, load_scorers
-
-# ------------------------------------------------------------------------------------------------
-# generation
-
-def generate_batch(pipe, batch, steps=50, guidance=7.5, resolution=None):
-    """The images of a list of (prompt, seed), in one pipeline call.
-
-    Each image gets its own CPU generator seeded with its seed, so its initial latent depends only on its
-    seed (diffusers draws each image's latent from its own generator). The rest of sampling is batched
-    math, whose rounding may depend on the batch (measured on one CPU: a regenerated image differed from
-    the original in a few pixel values when made in a smaller batch). Callers that must reproduce an image
-    exactly therefore make it again in the same batch: see main()'s fixed batches.
-    """
-    size = dict(height=resolution, width=resolution) if resolution else {}
-    pipe.set_progress_bar_config(disable=True)  # the callers' bars count batches
-    return pipe(prompt=[p for p, _ in batch], num_inference_steps=steps, guidance_scale=guidance,
-                generator=[torch.Generator(device="cpu").manual_seed(int(s)) for _, s in batch],
-                output_type="pil", **size).images
-
-
-def generate(pipe, prompts, seeds, steps=50, guidance=7.5, resolution=None, batch_size=8, progress=True):
-    """Images for every (prompt, seed), as a list indexed [prompt][seed], batch_size images per call."""
-    jobs = [(p, s) for p in prompts for s in seeds]
-    flat = [image for k in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress)
-            for image in generate_batch(pipe, jobs[k:k + batch_size], steps, guidance, resolution)]
-    return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
-
-
-def save_png(image, path, pnginfo=None):
-    """Write then rename: a reader, or a rerun that skips images on disk, never sees half a PNG. pnginfo: text
-    chunks to embed (label.py writes the prompt the way AUTOMATIC1111 does)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
-
-
-def save_grid(rows, path, columns=None, prompts=None, min_cell=0):
-    """Paste rows of PIL images into one PNG, one row per list. Cells are the size of the largest image,
-    scaled up by a whole factor (nearest neighbour, so pixels stay sharp) until at least `min_cell` px.
-    columns: a header label per column; prompts: a label beside each row (wrapped)."""
-    from PIL import ImageDraw, ImageFont
-    w = max(im.width for row in rows for im in row)
-    h = max(im.height for row in rows for im in row)
-    k = max(1, -(-min_cell // max(w, h)))  # ceil(min_cell / side)
-    cw, ch = w * k, h * k
-    font = ImageFont.load_default(size=14)
-    line_h = 18
-    left = 220 if prompts else 0
-    top = line_h + 8 if columns else 0
-    n_cols = max(len(row) for row in rows)
-    grid = Image.new("RGB", (left + cw * n_cols, top + ch * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(columns or []):
-        draw.text((left + c * cw + 4, 4), fit(draw, str(name), font, cw - 8), fill="black", font=font)
-    for r, row in enumerate(rows):
-        if prompts:
-            lines = wrap(draw, prompts[r], font, left - 12)[:max(1, ch // line_h)]
-            for n, line in enumerate(lines):
-                draw.text((6, top + r * ch + 4 + n * line_h), line, fill="black", font=font)
-        for c, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((cw, ch), Image.NEAREST) if k > 1 else im.convert("RGB"),
-                       (left + c * cw, top + r * ch))
-    save_png(grid, path)
-
-
-def wrap(draw, text, font, width):
-    """Words of `text` in lines no wider than `width` pixels."""
-    lines = []
-    for word in text.split():
-        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(fit(draw, word, font, width))
-    return lines or [""]
-
-
-def fit(draw, text, font, width):
-    """`text`, cut with an ellipsis to at most `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def validate(out_dir, step, models, pretrained, prompts, seeds, resolution, ctx, steps=25, guidance=7.5):
-    """The trainers' validation grid: fixed prompts and seeds through the current weights, out_dir/val/step_N.png,
-    one row per prompt (its text beside it), one column per seed. A sharded UNet (--shard) needs every rank in its
-    forwards: all ranks call this and draw the same images, rank 0 alone writes the grid."""
-    import time
-    from diffusers import DDIMScheduler
-    pipe = sampling_pipeline(models, DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler"))
-    unet = models.unet
-    was_training = unet.training
-    unet.eval()
-    t0 = time.time()
-    with ctx.autocast():
-        rows = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution, progress=False)
-    unet.train(was_training)
-    path = os.path.join(out_dir, "val", f"step_{step:07d}.png")
-    if ctx.master:
-        os.makedirs(os.path.join(out_dir, "val"), exist_ok=True)
-        save_grid(rows, path, columns=[f"step {step}, seed {s}" for s in seeds], prompts=prompts, min_cell=128)
-    return path, time.time() - t0
-
-
-# ------------------------------------------------------------------------------------------------
-# prompts
-
-# named sets: hub dataset, the files to fetch. Pick-a-Pic's captions come from the image-free copy.
-PROMPT_SETS = {
-    "partiprompts": ("nateraw/parti-prompts", "PartiPrompts.tsv"),  # 1632 prompts
-    "pickapic_test_unique": ("yuvalkirstain/pickapic_v2_no_images", "data/test_unique-*.parquet"),  # 500
-    "hpsv2": ("zhwang/HPDv2", "benchmark/*.json"),  # anime, concept-art, paintings, photo: 4 x 800
-}
-PROMPT_COLUMNS = ("prompt", "caption", "text")
-
-
-def read_prompt_file(path):
-    """.txt (one prompt a line), .json (a list), .jsonl/.csv/.tsv/.parquet (a prompt, caption or text column)."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".txt", ".json", ".jsonl", ".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            if ext == ".txt":
-                rows = f.read().splitlines()
-            elif ext == ".json":
-                rows = json.load(f)
-            elif ext == ".jsonl":
-                rows = [json.loads(line) for line in f if line.strip()]
-            else:
-                rows = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
-    elif ext == ".parquet":
-        import pyarrow.parquet as pq
-        rows = pq.read_table(path).to_pylist()
-    else:
-        fail(f"{path}: unsupported prompts file (use .txt, .json, .jsonl, .csv, .tsv or .parquet)")
-    if not rows or not isinstance(rows[0], dict):  # .txt lines, or a .json list of strings
-        return [str(r).strip() for r in rows if str(r).strip()]
-    columns = {k.lower(): k for k in rows[0]}  # PartiPrompts spells it 'Prompt'
-    column = next((columns[c] for c in PROMPT_COLUMNS if c in columns), None)
-    if column is None:
-        fail(f"{path}: no column named one of {PROMPT_COLUMNS} (found {list(columns.values())})")
-    return [str(r[column]).strip() for r in rows if r[column] and str(r[column]).strip()]
-
-
-def load_prompts(spec):
-    """A prompts file, or a named set downloaded from the hub (once, into the hub cache)."""
-    if os.path.isfile(spec):
-        return read_prompt_file(spec)
-    if spec not in PROMPT_SETS:
-        fail(f"--prompts {spec}: no such file, and not a named set ({', '.join(PROMPT_SETS)})")
-    repo, pattern = PROMPT_SETS[spec]
-    from huggingface_hub import snapshot_download
-    try:
-        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=[pattern])
-    except Exception as e:
-        fail(f"prompt set {spec!r} comes from the hub dataset {repo}, which is not reachable "
-                         f"({type(e).__name__}); pass a prompts file (.txt, .jsonl, .csv) instead")
-    files = sorted(glob.glob(os.path.join(folder, pattern)))
-    if not files:
-        fail(f"prompt set {spec!r}: no file matching {pattern} in {repo}")
-    return [p for f in files for p in read_prompt_file(f)]
-
 
 # ------------------------------------------------------------------------------------------------
 # the protocol: median image per prompt, win rates, interval
@@ -358,20 +193,19 @@ def main(argv=None):
     # --- generate what is not on disk yet, always in the same batches (prompt-major, --batch_size each), so
     # that an image regenerated after an interruption is the image an uninterrupted run makes
     jobs = [(i, s) for i in range(P) for s in seeds]
-    batches = [jobs[k:k + args.batch_size] for k in range(0, len(jobs), args.batch_size)]
     for name in names:
-        todo = [b for b in batches if not all(os.path.exists(image_path(name, i, s)) for i, s in b)]
-        if not todo:
-            print(f"{name}: all {P * N} images already on disk")
-            continue
-        pipe = load_pipeline(args.pretrained, models[name] if name != "base" else None, scheduler, device, dtype)
-        for batch in tqdm(todo, desc=f"generate {name}"):  # saved batch by batch: a killed run loses one batch
-            with autocast():
-                images = generate_batch(pipe, [(prompts[i], s) for i, s in batch], args.steps, args.guidance, args.resolution)
-            for (i, seed), image in zip(batch, images):
-                if not os.path.exists(image_path(name, i, seed)):  # what is on disk stays as it is
-                    save_png(image, image_path(name, i, seed))
-        del pipe  # freed before the next model loads: one pipeline in memory at a time
+        loaded = {}  # the model's pipeline, loaded for its first batch to make
+
+        def pipe_for():
+            if not loaded:
+                loaded["pipe"] = load_pipeline(args.pretrained, models[name] if name != "base" else None, scheduler,
+                                               device, dtype)
+            return loaded["pipe"]
+        made = generate_missing(pipe_for, [(prompts[i], s) for i, s in jobs], lambda k: image_path(name, *jobs[k]),
+                                args.batch_size, args.steps, args.guidance, args.resolution, autocast,
+                                f"generate {name}")
+        print(f"{name}: {made} images made, {P * N - made} already on disk")
+        loaded.clear()  # freed before the next model loads: one pipeline in memory at a time
 
     # --- score: every model's images in the same batches, so identical images get identical scores
     jobs = [(i, j) for i in range(P) for j in range(N)]

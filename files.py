@@ -8,6 +8,8 @@ import os
 import shutil
 from contextlib import contextmanager
 
+PRECISIONS = ("auto", "fp32", "bf16")  # every script's --precision (common.resolve_precision); here without torch
+
 
 def fail(msg):
     """One clear line for the user instead of a traceback."""

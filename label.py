@@ -42,7 +42,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from files import atomic_path, check_model_path, fail, read_jsonl
+from files import PRECISIONS, atomic_path, check_model_path, fail, read_jsonl
 from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, image_complete, parse_label
 
 JOURNAL, METADATA, PAIRS = ".label_journal.jsonl", "metadata.jsonl", "pairs.jsonl"
@@ -504,13 +504,15 @@ def trained_base(out_dir):
 
 
 def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidance=7.5, seed=0, resolution=None,
-                    batch_size=4, tag=None):
+                    batch_size=4, tag=None, precision="auto"):
     """N images per prompt into folder as TAG_<prompt index>_s<seed>.png, the prompt in an A1111-style `parameters`
-    chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds."""
+    chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds; made in the
+    same batches as a first run would (sample.generate_missing), with evaluate.py's precision rule."""
     import torch
     from PIL.PngImagePlugin import PngInfo
-    from evaluate import generate_batch, load_prompts, save_png
+    from common import autocast_for, resolve_precision
     from model import load_pipeline, load_scheduler, model_kind
+    from sample import generate_missing, load_prompts
     kind = model_kind(model) if os.path.isdir(model) else None
     if os.path.isdir(model) and kind is None:
         fail(f"--generate {model}: not a pipeline folder (model_index.json) nor a trainer's out_dir "
@@ -522,24 +524,28 @@ def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidan
         fail("--prompts: no prompts in it")
     tag = tag or re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(model)))
     os.makedirs(folder, exist_ok=True)
-    path = lambda i, s: os.path.join(folder, f"{tag}_{i:05d}_s{s}.png")
-    todo = [(i, s) for i in range(len(prompts)) for s in range(seed, seed + n) if not os.path.exists(path(i, s))]
-    print(f"generate: {len(todo)} images with {model} ({kind or 'base'}{', base ' + base if base != model else ''}), "
-          f"{len(prompts) * n - len(todo)} already in {folder}", flush=True)
-    if not todo:
-        return
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(seed, seed + n)]
+    path = lambda k: os.path.join(folder, f"{tag}_{jobs[k][0]:05d}_s{jobs[k][1]}.png")
+    missing = sum(not os.path.exists(path(k)) for k in range(len(jobs)))
+    print(f"generate: {missing} images with {model} ({kind or 'base'}{', base ' + base if base != model else ''}), "
+          f"{len(jobs) - missing} already in {folder}", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(base, model if kind else None, load_scheduler(base), device, dtype)
-    t0 = time.time()
-    for k in range(0, len(todo), batch_size):
-        batch = todo[k:k + batch_size]
-        for (i, s), image in zip(batch, generate_batch(pipe, [(prompts[i], s) for i, s in batch], steps, guidance, resolution)):
-            info = PngInfo()
-            info.add_text("parameters", f"{prompts[i]}\nSteps: {steps}, CFG scale: {guidance}, Seed: {s}, "
-                                        f"Size: {image.width}x{image.height}, Model: {tag}")
-            save_png(image, path(i, s), pnginfo=info)  # renamed once whole
-        print(f"generate: {k + len(batch)}/{len(todo)} ({time.time() - t0:.0f} s)", flush=True)
+    autocast = autocast_for(device, resolve_precision(precision, device.type == "cuda"))
+    loaded = {}
+
+    def pipe_for():  # loaded only if there is something to make
+        if not loaded:
+            loaded["pipe"] = load_pipeline(base, model if kind else None, load_scheduler(base), device, torch.float32)
+        return loaded["pipe"]
+
+    def info(k, image):
+        i, s = jobs[k]
+        chunk = PngInfo()
+        chunk.add_text("parameters", f"{prompts[i]}\nSteps: {steps}, CFG scale: {guidance}, Seed: {s}, "
+                                     f"Size: {image.width}x{image.height}, Model: {tag}")
+        return chunk
+    generate_missing(pipe_for, [(prompts[i], s) for i, s in jobs], path, batch_size, steps, guidance, resolution,
+                     autocast, "generate", pnginfo_of=info)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -580,12 +586,14 @@ def main(argv=None):
     a("--resolution", type=int, help="with --generate: image side in pixels (default: the model's)")
     a("--batch_size", type=int, default=4, help="with --generate: images per pipeline call")
     a("--tag", help="with --generate: file-name prefix (default: the model folder's name)")
+    a("--precision", choices=PRECISIONS, default="auto",
+      help="with --generate: weights in fp32, sampled under bf16 autocast with bf16 (auto: bf16 on CUDA, fp32 on the CPU)")
     args = p.parse_args(argv)
     if args.generate:
         if not args.prompts:
             fail("--generate needs --prompts FILE (one prompt a line)")
         generate_images(args.folder, args.generate, args.prompts, args.n, args.pretrained, args.steps, args.guidance,
-                        args.seed, args.resolution, args.batch_size, args.tag)
+                        args.seed, args.resolution, args.batch_size, args.tag, args.precision)
     elif not os.path.isdir(args.folder):
         fail(f"{args.folder} is not a folder (to make images into a new folder, pass --generate MODEL --prompts FILE)")
     t0 = time.time()

@@ -50,7 +50,7 @@ import common
 import train_kto
 from files import atomic_path, fail, one_line, read_jsonl, write_json
 from label import decisions_in
-from evaluate import generate, generate_batch, load_prompts, save_png
+from sample import generate, generate_missing, load_prompts
 from model import load_pipeline, load_scheduler
 from scorers import SCORER_FLAGS, add_scorer_args, load_scorers, scorer_name
 
@@ -89,6 +89,8 @@ def get_args(argv=None):
     a("--train_args", default="", help="more train_kto.py flags, one string, e.g. '--utility loss_averse'")
     a("--cache_dir", default="", help="train_kto.py's latent cache; '' = OUT/cache")
     a("--poll", type=float, default=5.0, help="--judge person: seconds between looks at the labels file")
+    a("--precision", choices=common.PRECISIONS, default="auto",
+      help="sampling: fp32 weights under bf16 autocast with bf16 (auto: bf16 on CUDA, fp32 on the CPU); passed to train_kto.py")
     add_scorer_args(p)  # where a named --judge or --fidelity scorer loads from (evaluate.py's flags)
     return p.parse_args(argv)
 
@@ -104,21 +106,15 @@ def generate_images(pipe_for, prompts, seeds, folder, args, autocast, what):
     """Every (prompt, seed) image not yet in `folder`, with its caption beside it. Always in the same batches
     (prompt-major, --batch_size), and only whole batches are made again, so a rerun makes the same images."""
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
-    batches = [jobs[k:k + args.batch_size] for k in range(0, len(jobs), args.batch_size)]
-    done = lambda i, s: os.path.exists(os.path.join(folder, image_name(i, s)))
-    todo = [b for b in batches if not all(done(i, s) for i, s in b)]
-    for batch in tqdm(todo, desc=f"generate {what}"):
-        pipe = pipe_for()
-        with autocast():
-            images = generate_batch(pipe, [(prompts[i], s) for i, s in batch], args.sample_steps, args.guidance,
-                                    args.resolution)
-        for (i, s), image in zip(batch, images):
-            caption = os.path.join(folder, image_name(i, s)[:-4] + ".txt")
-            if not os.path.exists(caption):  # the caption first: an image on disk always has its caption
-                with atomic_path(caption) as tmp, open(tmp, "w") as f:
-                    f.write(prompts[i] + "\n")
-            if not done(i, s):  # what is on disk stays as it is
-                save_png(image, os.path.join(folder, image_name(i, s)))
+
+    def caption_first(k):  # an image on disk always has its caption beside it
+        caption = os.path.join(folder, image_name(*jobs[k])[:-4] + ".txt")
+        if not os.path.exists(caption):
+            with atomic_path(caption) as tmp, open(tmp, "w") as f:
+                f.write(prompts[jobs[k][0]] + "\n")
+    generate_missing(pipe_for, [(prompts[i], s) for i, s in jobs], lambda k: os.path.join(folder, image_name(*jobs[k])),
+                     args.batch_size, args.sample_steps, args.guidance, args.resolution, autocast, f"generate {what}",
+                     before_save=caption_first)
 
 
 def score_files(scorer, paths, texts, batch=64):
@@ -218,6 +214,7 @@ def train_round(rdir, data, last, args, r):
     argv = ["--pretrained", args.pretrained, "--data", data, "--out_dir", os.path.join(rdir, "train"),
             "--max_steps", str(args.steps), "--seed", str(1000 * args.seed + r), "--val_every", "-1",
             "--save_every", str(args.save_every), "--cache_dir", args.cache_dir or os.path.join(args.out, "cache"),
+            "--precision", args.precision,
             "--resume"]  # a killed round continues from its checkpoints; a new one starts at step 0
     argv += ["--continue_from", last] if last else []  # its weights, optimizer state and place in the lr schedule
     argv += [x for f in TRAINER_FLAGS if getattr(args, f) is not None for x in (f"--{f}", str(getattr(args, f)))]
@@ -270,7 +267,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # device, judge and fidelity scorers (before any sampling: one that cannot load stops the run now)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = common.autocast_for(device, common.resolve_precision("auto", device.type == "cuda"))
+    autocast = common.autocast_for(device, common.resolve_precision(args.precision, device.type == "cuda"))
     person = args.judge == "person"
     judge = None if person else load_scorers([args.judge], args, device)
     fidelity = load_scorers([args.fidelity], args, device) if args.fidelity else {}
@@ -293,8 +290,9 @@ def main(argv=None):
     if os.path.exists(run_path):
         with open(run_path) as f:
             old = json.load(f)
-        # a run from before online_kto.py took the scorer flags used their defaults
-        changed = [k for k in run if old.get(k, SCORER_FLAGS.get(k, [None])[0]) != run[k]]
+        # a run from before online_kto.py took --precision and the scorer flags used their defaults
+        added_later = dict({k: default for k, (default, _) in SCORER_FLAGS.items()}, precision="auto")
+        changed = [k for k in run if old.get(k, added_later.get(k)) != run[k]]
         if "schedule" in changed:
             fail(f"{args.out} was made by an older online_kto.py, which restarted the optimizer and the warm-up in every "
                  f"round: use another --out")

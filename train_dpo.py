@@ -21,7 +21,7 @@ import checkpoints
 import common
 import parallel
 from cache import open_cache, stack_conditions
-from evaluate import validate
+from sample import validate
 from losses import add_noise_and_target, dpo_loss, per_sample_error, sft_loss
 from model import (denoise, export, gathered_unet, load_models, load_trainable_state, memory_plan, prepare_policy,
                    shard_model, trainable_state)

@@ -22,7 +22,7 @@ import checkpoints
 import common
 import parallel
 from cache import open_cache, stack_conditions
-from evaluate import validate
+from sample import validate
 from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 from model import (denoise, export, gathered_unet, load_models, load_trainable_state, memory_plan, prepare_policy,
                    shard_model, trainable_state)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import evaluate
+import sample
 import model
 from scorers import aesthetic_mlp, clip_text_embeddings, load_clip, load_scorers
 
@@ -76,14 +77,14 @@ def test_generate_does_not_depend_on_batch_size(tiny_pipe_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
     prompts, seeds = ["a red circle", "a blue square"], [0, 1]
-    a = evaluate.generate(pipe, prompts, seeds, steps=1, batch_size=4, progress=False)
-    b = evaluate.generate(pipe, prompts, seeds, steps=1, batch_size=3, progress=False)
+    a = sample.generate(pipe, prompts, seeds, steps=1, batch_size=4, progress=False)
+    b = sample.generate(pipe, prompts, seeds, steps=1, batch_size=3, progress=False)
     assert len(a) == 2 and len(a[0]) == 2 and a[0][0].size == (32, 32)
     for row_a, row_b in zip(a, b):
         for x, y in zip(row_a, row_b):
             np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float), atol=1)  # 8-bit rounding
     assert not np.array_equal(np.asarray(a[0][0]), np.asarray(a[0][1]))  # different seeds, different images
-    evaluate.save_grid(a, str(tmp_path / "grid.png"))
+    sample.save_grid(a, str(tmp_path / "grid.png"))
     assert Image.open(tmp_path / "grid.png").size == (64, 64)
 
 
@@ -181,7 +182,7 @@ def test_prompt_files(tmp_path):
     (tmp_path / "p.tsv").write_text("Prompt\tCategory\na red circle\tx\n")  # PartiPrompts' layout
     (tmp_path / "p.json").write_text('["a red circle", "a tree"]')
     (tmp_path / "bad.csv").write_text("id,words\n1,a red circle\n")
-    read = lambda name: evaluate.load_prompts(str(tmp_path / name))
+    read = lambda name: sample.load_prompts(str(tmp_path / name))
     assert read("p.txt") == ["a red circle", "a blue square"]
     assert read("p.jsonl") == ["a red circle", "a dog"]
     assert read("p.csv") == ["a red circle", "a cat, small"]
@@ -190,7 +191,7 @@ def test_prompt_files(tmp_path):
     with pytest.raises(SystemExit, match="no column named"):
         read("bad.csv")
     with pytest.raises(SystemExit, match="not reachable"):  # the tests run with HF_HUB_OFFLINE=1
-        evaluate.load_prompts("partiprompts")
+        sample.load_prompts("partiprompts")
 
 
 def test_bad_input_is_one_line(tmp_path, tiny_pipe_dir):

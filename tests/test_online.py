@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import label
 import online_kto
+import sample
 import train_kto
 
 PROMPTS = "a red square|a blue circle"
@@ -121,7 +122,7 @@ def test_killed_in_a_phase_then_rerun_equals_uninterrupted(tiny_pipe_dir, uninte
     saves its step-2 checkpoint), then rerun: what was finished is reused untouched (mtimes), and the last
     weights and every round's record are those of an uninterrupted run, bitwise on the CPU."""
     out = tmp_path / "run"
-    module, name = {"generate": (online_kto, "save_png"), "label": (online_kto, "score_files"),
+    module, name = {"generate": (sample, "save_png"), "label": (online_kto, "score_files"),
                     "train": (train_kto.checkpoints, "save_checkpoint")}[phase]
     real, saved = getattr(module, name), []
 
