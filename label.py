@@ -42,7 +42,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from files import PRECISIONS, atomic_path, check_model_path, fail, read_jsonl
+from files import PRECISIONS, atomic_path, fail, read_jsonl
 from data import CAPTION_KEYS, IMAGE_EXTS, UNREADABLE, caption_beside, image_complete, parse_label
 
 JOURNAL, METADATA, PAIRS = ".label_journal.jsonl", "metadata.jsonl", "pairs.jsonl"
@@ -142,11 +142,12 @@ class Labels:
             backup = path.replace(".jsonl", ".before-label.jsonl")
             if os.path.exists(path) and not os.path.exists(backup):
                 os.replace(path, backup)  # kept as it was; the new file is written from the journal
-            # both files when both are there: a folder copied without its dot-files (cp -r src/* dst/), or whose
-            # journal was deleted, still has every label in metadata.jsonl, which must not be rebuilt from the
-            # backup alone; the current file's labels come last and win
-            for source in (backup, path):
-                for row in read_jsonl(source) if os.path.exists(source) else []:
+            # both there: a folder copied without its dot-files (cp -r src/* dst/), or whose journal was deleted.
+            # The file is then label.py's own, written from the journal: every label still standing, those carried
+            # from the backup included, and none undone since; so it alone is read, never the backup
+            source = path if os.path.exists(path) else backup
+            if os.path.exists(source):
+                for row in read_jsonl(source):
                     if keys is None and parse_label(row.get("label")) and isinstance(row.get("file_name"), str):
                         decisions.append({"item": [row["file_name"]],
                                           "choice": "liked" if parse_label(row["label"]) > 0 else "disliked"})
@@ -296,6 +297,7 @@ def append_line(path, line, durable=True):
     """One line at the end of a file in one write. A line cut short by an earlier kill is closed first, so this one
     starts on a line of its own and is never read as part of the fragment (which readers drop); a write that fails
     (a full disk) is cut back, so the file is never left holding half of this line."""
+    existed = os.path.exists(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         end = os.lseek(fd, 0, os.SEEK_END)
@@ -308,6 +310,8 @@ def append_line(path, line, durable=True):
                 os.fsync(fd)
         except OSError:
             os.ftruncate(fd, end)  # needs no free space
+            if not existed:  # nor an empty file that was not there (an empty metadata.jsonl hides liked/ folders)
+                os.remove(path)
             raise
     finally:
         os.close(fd)
@@ -483,69 +487,25 @@ def is_ip(name):
         return False
 
 
+def lan_address():
+    """This machine's address on its network (the interface of its default route), or None. A UDP socket's connect
+    only picks the route: nothing is sent."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("10.254.254.254", 1))
+        return s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
 def local_names():
     """The names a browser on the network may use for this machine (an IP address is always accepted)."""
     import socket
     name = socket.gethostname().lower()
     return {"localhost", name, name + ".local", socket.getfqdn().lower()}
-
-
-# ------------------------------------------------------------------------------------------------
-# --generate: images to label for someone who has none yet
-
-def trained_base(out_dir):
-    """The --pretrained a trainer's out_dir was trained from (its latest checkpoint's config), or None."""
-    try:
-        with open(os.path.join(out_dir, "checkpoints", "latest")) as f:
-            with open(os.path.join(out_dir, "checkpoints", f.read().strip(), "state.json")) as g:
-                return json.load(g)["config"].get("pretrained")
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def generate_images(folder, model, prompts, n, pretrained=None, steps=30, guidance=7.5, seed=0, resolution=None,
-                    batch_size=4, tag=None, precision="auto"):
-    """N images per prompt into folder as TAG_<prompt index>_s<seed>.png, the prompt in an A1111-style `parameters`
-    chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds; made in the
-    same batches as a first run would (sample.generate_missing), with evaluate.py's precision rule."""
-    import torch
-    from PIL.PngImagePlugin import PngInfo
-    from common import autocast_for, resolve_precision
-    from model import load_pipeline, load_scheduler, model_kind
-    from sample import generate_missing, load_prompts
-    kind = model_kind(model) if os.path.isdir(model) else None
-    if os.path.isdir(model) and kind is None:
-        fail(f"--generate {model}: not a pipeline folder (model_index.json) nor a trainer's out_dir "
-             "(pytorch_lora_weights.safetensors, or a full pipeline)")
-    check_model_path(model, "--generate")
-    base = model if kind in (None, "pipeline") else pretrained or trained_base(model) or "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    prompts = load_prompts(prompts)
-    if not prompts:
-        fail("--prompts: no prompts in it")
-    tag = tag or re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(model)))
-    os.makedirs(folder, exist_ok=True)
-    jobs = [(i, s) for i in range(len(prompts)) for s in range(seed, seed + n)]
-    path = lambda k: os.path.join(folder, f"{tag}_{jobs[k][0]:05d}_s{jobs[k][1]}.png")
-    missing = sum(not os.path.exists(path(k)) for k in range(len(jobs)))
-    print(f"generate: {missing} images with {model} ({kind or 'base'}{', base ' + base if base != model else ''}), "
-          f"{len(jobs) - missing} already in {folder}", flush=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = autocast_for(device, resolve_precision(precision, device.type == "cuda"))
-    loaded = {}
-
-    def pipe_for():  # loaded only if there is something to make
-        if not loaded:
-            loaded["pipe"] = load_pipeline(base, model if kind else None, load_scheduler(base), device, torch.float32)
-        return loaded["pipe"]
-
-    def info(k, image):
-        i, s = jobs[k]
-        chunk = PngInfo()
-        chunk.add_text("parameters", f"{prompts[i]}\nSteps: {steps}, CFG scale: {guidance}, Seed: {s}, "
-                                     f"Size: {image.width}x{image.height}, Model: {tag}")
-        return chunk
-    generate_missing(pipe_for, [(prompts[i], s) for i, s in jobs], path, batch_size, steps, guidance, resolution,
-                     autocast, "generate", pnginfo_of=info)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,7 +552,8 @@ def main(argv=None):
     if args.generate:
         if not args.prompts:
             fail("--generate needs --prompts FILE (one prompt a line)")
-        generate_images(args.folder, args.generate, args.prompts, args.n, args.pretrained, args.steps, args.guidance,
+        from sample import generate_folder  # torch and diffusers: only for --generate
+        generate_folder(args.folder, args.generate, args.prompts, args.n, args.pretrained, args.steps, args.guidance,
                         args.seed, args.resolution, args.batch_size, args.tag, args.precision)
     elif not os.path.isdir(args.folder):
         fail(f"{args.folder} is not a folder (to make images into a new folder, pass --generate MODEL --prompts FILE)")
@@ -604,6 +565,8 @@ def main(argv=None):
     print(f"{state['total']} {'pairs' if args.pairs else 'images'} in {labels.root} ({state['done']} done; skipped "
           f"{labels.skip_line()}; read in {time.time() - t0:.2f} s)", flush=True)
     print(f"open {server.url} (Ctrl+C to stop; every decision is saved the moment you make it)", flush=True)
+    if args.host in ("0.0.0.0", "") and lan_address():  # the printed address works on this machine only
+        print(f"from another machine on your network: {server.url.replace('127.0.0.1', lan_address(), 1)}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -11,12 +11,13 @@ import csv
 import glob
 import json
 import os
+import re
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from files import atomic_path, fail
+from files import atomic_path, check_model_path, fail
 from model import sampling_pipeline
 
 # ------------------------------------------------------------------------------------------------
@@ -204,3 +205,59 @@ def load_prompts(spec):
     if not files:
         fail(f"prompt set {spec!r}: no file matching {pattern} in {repo}")
     return [p for f in files for p in read_prompt_file(f)]
+
+
+# ------------------------------------------------------------------------------------------------
+# label.py --generate: images to label for someone who has none yet
+
+def trained_base(out_dir):
+    """The --pretrained a trainer's out_dir was trained from (its latest checkpoint's config), or None."""
+    try:
+        with open(os.path.join(out_dir, "checkpoints", "latest")) as f:
+            with open(os.path.join(out_dir, "checkpoints", f.read().strip(), "state.json")) as g:
+                return json.load(g)["config"].get("pretrained")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def generate_folder(folder, model, prompts, n, pretrained=None, steps=30, guidance=7.5, seed=0, resolution=None,
+                    batch_size=4, tag=None, precision="auto"):
+    """N images per prompt into folder as TAG_<prompt index>_s<seed>.png, the prompt in an A1111-style `parameters`
+    chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds; made in the
+    same batches as a first run would (sample.generate_missing), with evaluate.py's precision rule."""
+    from PIL.PngImagePlugin import PngInfo
+    from common import autocast_for, resolve_precision
+    from model import load_pipeline, load_scheduler, model_kind
+    kind = model_kind(model) if os.path.isdir(model) else None
+    if os.path.isdir(model) and kind is None:
+        fail(f"--generate {model}: not a pipeline folder (model_index.json) nor a trainer's out_dir "
+             "(pytorch_lora_weights.safetensors, or a full pipeline)")
+    check_model_path(model, "--generate")
+    base = model if kind in (None, "pipeline") else pretrained or trained_base(model) or "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    prompts = load_prompts(prompts)
+    if not prompts:
+        fail("--prompts: no prompts in it")
+    tag = tag or re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(model)))
+    os.makedirs(folder, exist_ok=True)
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(seed, seed + n)]
+    path = lambda k: os.path.join(folder, f"{tag}_{jobs[k][0]:05d}_s{jobs[k][1]}.png")
+    missing = sum(not os.path.exists(path(k)) for k in range(len(jobs)))
+    print(f"generate: {missing} images with {model} ({kind or 'base'}{', base ' + base if base != model else ''}), "
+          f"{len(jobs) - missing} already in {folder}", flush=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = autocast_for(device, resolve_precision(precision, device.type == "cuda"))
+    loaded = {}
+
+    def pipe_for():  # loaded only if there is something to make
+        if not loaded:
+            loaded["pipe"] = load_pipeline(base, model if kind else None, load_scheduler(base), device, torch.float32)
+        return loaded["pipe"]
+
+    def info(k, image):
+        i, s = jobs[k]
+        chunk = PngInfo()
+        chunk.add_text("parameters", f"{prompts[i]}\nSteps: {steps}, CFG scale: {guidance}, Seed: {s}, "
+                                     f"Size: {image.width}x{image.height}, Model: {tag}")
+        return chunk
+    generate_missing(pipe_for, [(prompts[i], s) for i, s in jobs], path, batch_size, steps, guidance, resolution,
+                     autocast, "generate", pnginfo_of=info)

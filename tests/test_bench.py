@@ -7,7 +7,7 @@ import os
 
 import torch
 
-import bench
+import bench  # tools/bench.py (conftest puts tools/ on the path)
 
 
 def parse_last_line(out):

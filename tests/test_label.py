@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 
 import public_data
 import label
+import sample
 from conftest import ROOT
 
 
@@ -312,6 +313,15 @@ def test_a_copy_without_dot_files_keeps_every_label(tmp_path):
     assert len(label.Labels(str(dst), pairs=False).decisions) == 5
     assert {r["file_name"]: r["label"] for r in lines(dst / "metadata.jsonl")} == \
         {r["file_name"]: r["label"] for r in lines(src / "metadata.jsonl")}
+    # a carried label undone, then the journal lost: it stays undone (the backup still holds it)
+    labels = label.Labels(str(src), pairs=False)
+    while labels.decisions:  # all five undone, the two carried ones included
+        assert labels.undo() is None
+    assert labels.decide(["001_0.png"], "disliked") is None  # 001_0 changed, 001_1 left undone
+    os.remove(src / label.JOURNAL)
+    assert {r["file_name"]: r["label"] for r in lines(src / "metadata.jsonl")} == {"001_0.png": "disliked"}
+    restarted = label.Labels(str(src), pairs=False)
+    assert {tuple(d["item"]): d["choice"] for d in restarted.decisions} == {("001_0.png",): "disliked"}
 
 
 def test_carried_pairs_are_shown_as_decided_whichever_side_they_are_on(tmp_path):
@@ -447,7 +457,7 @@ def test_generate_label_train_generate_with_the_lora(tmp_path, tiny_pipe_dir):
 
 def test_generate_with_an_sdxl_base_writes_prompts_data_reads_back(tmp_path, tiny_sdxl_dir):
     (tmp_path / "prompts.txt").write_text("a red square, studio light\n")
-    label.generate_images(str(tmp_path / "gens"), tiny_sdxl_dir, str(tmp_path / "prompts.txt"), n=2, steps=2, tag="xl")
+    sample.generate_folder(str(tmp_path / "gens"), tiny_sdxl_dir, str(tmp_path / "prompts.txt"), n=2, steps=2, tag="xl")
     labels = label.Labels(str(tmp_path / "gens"), pairs=True)
     assert sorted(labels.items[0]) == ["xl_00000_s0.png", "xl_00000_s1.png"] and len(labels.items) == 1
     assert labels.captions["xl_00000_s0.png"] == "a red square, studio light"

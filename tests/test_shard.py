@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bench
+import bench  # tools/bench.py (conftest puts tools/ on the path)
 import train_dpo
 import train_kto
 from conftest import ROOT, torchrun

@@ -1,7 +1,7 @@
 """Time FiFA's selection stage at Pick-a-Pic scale, with the scores and embeddings already computed.
 
-    python bench_fifa.py                                  # 1,000,000 pairs, 60,000 prompts, 768-d
-    python bench_fifa.py --pairs 100000 --prompts 6000    # a quick look
+    python tools/bench_fifa.py                                  # 1,000,000 pairs, 60,000 prompts, 768-d
+    python tools/bench_fifa.py --pairs 100000 --prompts 6000    # a quick look
 
 The stages are the functions filter_fifa.py runs after scoring: index the prompts of every pair,
 the k-th nearest neighbour log distance of every unique prompt (the only O(U^2) step: 60,000 x 60,000
@@ -11,15 +11,17 @@ Target: under 2 minutes and 8 GB on a 2-core CPU. Peak memory is the process's p
 (ru_maxrss), so it includes the inputs and the torch import. The CPU time is printed beside the wall
 time: on a machine shared with other jobs the wall time grows, the CPU time does not.
 """
-import os
 import argparse
+import os
 import resource
+import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: tools/..
 from filter_fifa import index_prompts, knn_log_distance, select
 
 

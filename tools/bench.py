@@ -1,9 +1,9 @@
 """Time the real training step against the bare compute it cannot avoid, for a model size built from config.
 
-    python bench.py --size small                         # DPO, full fine-tune; target: efficiency >= 0.85 on 2 cores
-    python bench.py --size small --algo kto --ref_point mismatched
-    python bench.py --size sd15 --steps 3 --warmup 1     # the real SD1.5 UNet: LoRA + gradient checkpointing, 128 px
-    python bench.py --size sdxl --precision bf16 --steps 3 --warmup 1   # the real SDXL UNet, likewise, bf16 autocast
+    python tools/bench.py --size small                         # DPO, full fine-tune; target: efficiency >= 0.85 on 2 cores
+    python tools/bench.py --size small --algo kto --ref_point mismatched
+    python tools/bench.py --size sd15 --steps 3 --warmup 1     # the real SD1.5 UNet: LoRA + gradient checkpointing, 128 px
+    python tools/bench.py --size sdxl --precision bf16 --steps 3 --warmup 1   # the real SDXL UNet, likewise, bf16 autocast
 
 For the named size (random weights, toy/models.py), on the current device (CUDA if available):
 1. the real step: train_dpo.main (or train_kto.main) runs in this process on a synthetic Pick-a-Pic
@@ -36,7 +36,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: tools/..
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; never wait on the network
 
