@@ -58,6 +58,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from common import PRECISIONS, resolve_precision
 from files import atomic_path, fail, one_line, save_safetensors
 from data import feedback_pair_images, pickapic_pair_images
 from public_data import (hpdv2_file, load_pairs, pairs_format, pairs_identity, parquet_files, read_pickapic,
@@ -200,9 +201,7 @@ def file_identity(path):
 
 def model_identity(name):
     """A local model folder is identified by its files (retrained in place = new key); a hub id by its name."""
-    if not os.path.isdir(name):
-        return name
-    return [file_identity(os.path.join(name, f)) for f in sorted(os.listdir(name))]
+    return [file_identity(os.path.join(name, f)) for f in sorted(os.listdir(name))] if os.path.isdir(name) else name
 
 
 def read_chunks(folder, key, n):
@@ -405,8 +404,10 @@ def parse_args(argv):
     p.add_argument("--quality_batch_size", type=int, default=32, help="prompts per LM forward pass")
     p.add_argument("--cache_dir", default="", help="score caches; '' = fifa_cache/ next to --out")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="weights; auto = float32 on cpu; on cuda float16 for CLIP (scores move ~0.01) and bfloat16 for the LM")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 on CUDA, fp32 on the CPU; bf16: CLIP and the LM held in bf16 (also on the CPU); fp32")
+    p.add_argument("--dtype", help=argparse.SUPPRESS,  # the old flag: one clear line, not "unrecognized arguments"
+                   type=lambda _: fail("--dtype is gone: use --precision auto|fp32|bf16 (auto: bf16 on CUDA, fp32 on CPU)"))
     args = p.parse_args(argv)
     if args.k < 1 or args.knn < 1 or args.max_per_prompt < 0 or args.rho_floor <= 0:
         fail("need --k >= 1, --knn >= 1, --max_per_prompt >= 0 and --rho_floor > 0")
@@ -515,7 +516,9 @@ def print_summary(args, stats, d, cache, eligible, kept, pid, margin, q_pair, d_
 def main(argv=None):
     args = parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
+    # the precision rule of every script (auto: bf16 on CUDA, fp32 on the CPU); here, the dtype CLIP and the LM
+    # are held in: they only score, and bf16 is Qwen2.5's own dtype (fp16 can overflow in its activations)
+    dtype = torch.bfloat16 if resolve_precision(args.precision, device.startswith("cuda")) == "bf16" else torch.float32
     cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fifa_cache")
 
     # --- data: the small columns of every pair; the pairs worth scoring and their unique prompts
@@ -557,10 +560,8 @@ def main(argv=None):
     quality = np.full(len(prompts), np.nan, np.float32)
     stats["prompts_rated"] = 0
     if args.quality != "none":
-        # bfloat16 on cuda: Qwen2.5's own dtype (float16 can overflow in its activations)
-        lm_dtype = torch.bfloat16 if dtype == torch.float16 and args.dtype == "auto" else dtype
-        qcache = os.path.join(cache, "quality-" + short_hash(model_identity(args.quality), QUALITY_PROMPT, str(lm_dtype)))
-        quality, stats["prompts_rated"] = rate_prompts(prompts, args.quality, qcache, device, lm_dtype, args.quality_batch_size)
+        qcache = os.path.join(cache, "quality-" + short_hash(model_identity(args.quality), QUALITY_PROMPT, str(dtype)))
+        quality, stats["prompts_rated"] = rate_prompts(prompts, args.quality, qcache, device, dtype, args.quality_batch_size)
     embedder = (args.embed_model, "") if args.embed_model else reward
     emb, more = text(*embedder) if args.embed_model else (reward_text, 0)
     stats["prompts_embedded"] = embedded + more
