@@ -8,7 +8,7 @@ Images are referenced, not loaded: a file path, or (parquet file, row, column) f
 (cache.py), which is where latents and text embeddings are made.
 
 This file holds Feedback, the local formats (JSONL pairs, liked/ and disliked/ folders, metadata files,
-captions beside images, the Diffusion-KTO authors' CSV) and decoding. The public datasets (Pick-a-Pic v2,
+captions beside images, the Diffusion-KTO authors' CSV), decoding and reading images in batches. The public datasets (Pick-a-Pic v2,
 HPDv2), the hub download and load_pairs/load_singles, which detect the layout of --data and call the
 right reader, live in public_data.py: it imports this file, never the other way round.
 """
@@ -171,6 +171,32 @@ def decode(src):
         return img.convert("RGB")
     except Exception:  # unreadable: the caller counts it and reports it
         return None
+
+
+def pickapic_pair_images(files, groups, batch_rows=1024):
+    """Pick-a-Pic parquet's images pair by pair, for scoring (filter_fifa.score_pairs): pair_chunks(wanted) yields
+    (first row, rows, images) per batch of at most batch_rows pairs that holds a wanted one, images(rows)
+    decoding the (jpg_0, jpg_1) of those rows of the batch (JPEG bytes or an image struct; None if corrupt)."""
+    def pair_chunks(wanted):
+        for start, batch in pickapic_batches(files, groups, wanted, ["jpg_0", "jpg_1"], batch_rows=batch_rows):
+            jpg0, jpg1 = batch.column("jpg_0").to_pylist(), batch.column("jpg_1").to_pylist()
+            yield start, batch.num_rows, lambda rows, a=jpg0, b=jpg1: [(decode(a[r]), decode(b[r])) for r in rows]
+    return pair_chunks
+
+
+def feedback_pair_images(fb, batch_rows=1024):
+    """The pairs of fb, as pickapic_pair_images gives Pick-a-Pic's: (winner, loser) images read by read_images."""
+    def images(idx):
+        want = sorted(set(fb.winner[idx].tolist()) | set(fb.loser[idx].tolist()))
+        got = dict(zip(want, read_images(fb, want)))
+        return [(got[w], got[l]) for w, l in zip(fb.winner[idx], fb.loser[idx])]
+
+    def pair_chunks(wanted):
+        for start in range(0, len(fb), batch_rows):
+            size = min(batch_rows, len(fb) - start)
+            if wanted[start:start + size].any():
+                yield start, size, lambda rows, s=start: images(s + np.asarray(rows, np.int64))
+    return pair_chunks
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,15 +14,14 @@ qualities + gamma * the entropy of S's prompt embeddings. Estimated once over th
          probabilities of the digits (one forward pass, no sampling)
   rho_k  distance from c's normalised text embedding to its k-th nearest OTHER unique prompt
 
-Stages: read the small columns; score both images of every pair (cached in chunks, resumable); rate
-and embed each unique prompt once (cached); select (seconds at Pick-a-Pic scale, see bench_fifa.py);
-write the kept rows, input schema plus fifa_* columns, which train_dpo.py reads as it reads Pick-a-Pic.
-Pick-a-Pic parquet is streamed (its 335 GB are read chunk by chunk, twice); any other source that
-public_data.load_pairs reads (HPDv2, a JSONL of pairs) is indexed by it, its images are scored through
-data.read_images, and the kept pairs are written as Pick-a-Pic-schema parquet (JPEG bytes embedded, the
-winner as jpg_0) or, for --out *.jsonl, as a JSONL of pairs (public_data.write_pairs).
-Caches are keyed by the data files and the model: a rerun with other --alpha/--gamma/--k scores
-nothing again, and a stale cache is never read.
+Read top to bottom: the method (the three scores and the selection, pure functions, these equations beside
+them); the I/O (caches, the proxy reward of both images of every pair, cached in chunks and resumable, each
+unique prompt embedded and rated once); main, one named step per stage. Pick-a-Pic parquet is streamed (its
+335 GB are read chunk by chunk, twice), its kept rows keep every column; any other source that
+public_data.load_pairs reads (HPDv2, a JSONL of pairs) is written as Pick-a-Pic-schema parquet (JPEG bytes
+inside, the winner as jpg_0) or, for --out *.jsonl, as JSONL pairs. Both add fifa_* columns; train_dpo.py reads
+either. Caches are keyed by the data files and the model: a rerun with other --alpha/--gamma/--k scores nothing
+again, and a stale cache is never read.
 
 Defaults the paper leaves open, and why:
 - each term z-normalised (mean 0, std 1): PickScore units, 0-10 ratings and log distances have unrelated
@@ -50,18 +49,20 @@ import glob
 import hashlib
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from common import PRECISIONS, resolve_precision
 from files import atomic_path, fail, one_line, save_safetensors
-from data import decode, pickapic_batches, read_images
-from public_data import hpdv2_file, load_pairs, pairs_format, pairs_identity, parquet_files, read_pickapic, write_pairs
+from data import feedback_pair_images, pickapic_pair_images
+from public_data import (hpdv2_file, load_pairs, pairs_format, pairs_identity, parquet_files, read_pickapic,
+                         write_pairs, write_pickapic_subset)
 from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, is_function, load_clip, load_function
 
 CHUNK_ROWS = 1024  # pairs (or prompts) per cache file: the most scoring work an interruption can lose
@@ -69,6 +70,123 @@ QUALITY_PROMPT = ("Rate this text-to-image prompt from 0 to {top}. Rate high a c
                   "visual detail, low an unclear, meaningless or harmful one.\nPrompt: {prompt}\n"
                   "Answer with a single number.")
 
+
+# ------------------------------------------------------------------------------------------------
+# the method: the three scores of the docstring's s_i, then the selection; pure functions (no models, no
+# files), which bench_fifa.py times at Pick-a-Pic scale
+
+def preference_margin(rewards, human_w, eligible, mode="signed"):
+    """The preference margin of every pair, from its proxy rewards (--margin; the docstring above says why signed):
+
+        signed:    m_i = R(c_i, x_w) - R(c_i, x_l)      human labels kept; negative where the proxy disagrees
+        absolute:  m_i = |R(c_i, x_0) - R(c_i, x_1)|    the proxy's winner taken as x_w (relabelled)
+
+    rewards: (N, 2) R(c, x_0), R(c, x_1); human_w: (N,) the human winner, 0 or 1 (-1: none); eligible: (N,) bool.
+    Returns (N,) m, (N,) the proxy's winner (0 or 1), and (N,) bool: the eligible pairs absolute relabels."""
+    proxy_w = np.where(rewards[:, 1] > rewards[:, 0], 1, 0)
+    r_w = np.where(human_w == 1, rewards[:, 1], rewards[:, 0])  # (N,) R(c, x_w)
+    r_l = np.where(human_w == 1, rewards[:, 0], rewards[:, 1])  # (N,) R(c, x_l)
+    margin = r_w - r_l if mode == "signed" else np.abs(r_w - r_l)
+    swap = eligible & (proxy_w != human_w) & (mode == "absolute")
+    return margin, proxy_w, swap
+
+
+def expected_rating(logits, digits):
+    """q(c): an LM's expected rating of a prompt, from its next-token logits after the rating instruction.
+
+        q(c) = sum_v v' p(v | c) / sum_v p(v | c),   v = 0..top,  v' = 10 v / top (the 0-10 scale)
+
+    logits: (B, V); digits[v]: the token ids that spell v (rate_prompts finds them), whose probabilities add
+    up to p(v | c). One forward pass, no sampling. Returns (B,) q and (B,) sum_v p(v | c), the probability
+    that the answer is a number at all (a model that answers in words gives a meaningless q)."""
+    top = len(digits) - 1
+    values = torch.arange(top + 1, dtype=torch.float32) * 10 / top  # the 0-10 scale
+    probs = logits.softmax(-1)
+    p_v = torch.stack([probs[:, c].sum(-1) for c in digits], -1)  # (B, top+1)
+    return p_v / p_v.sum(-1, keepdim=True) @ values, p_v.sum(-1)
+
+
+def knn_log_distance(emb, k=5, floor=0.01, chunk=2048):
+    """(U,) log rho_k: log distance from each row of emb (U, d), L2-normalised, to its k-th nearest
+    OTHER row, floored. Rows are unique prompts, so excluding a row's self excludes exact duplicates.
+    The diversity term: the Kozachenko-Leonenko estimate of the entropy of N embeddings in d dimensions,
+
+        H ~ (d / N) sum_i log rho_k(e_i) + const,
+
+    is a sum over prompts, so each prompt brings its own log rho_k (computed once over all unique prompts).
+
+    The (U, U) similarity matrix is never held: blocks of (chunk, chunk), 16 MB each, and only the
+    upper triangle, since block (j, i) is block (i, j) transposed: half the 5.5 TFLOP at U = 60,000.
+    Each row keeps a running list of its k largest similarities, merged block by block."""
+    emb = torch.as_tensor(emb, dtype=torch.float32)
+    n = len(emb)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros(n, np.float32)  # a single prompt has no neighbour: the term is constant
+    best = torch.full((n, k), -2.0)  # (U, k) k largest cosines so far; cosines are >= -1
+
+    def merge(rows, sim):  # fold the k largest of each row of sim into best[rows]
+        top = sim.topk(min(k, sim.shape[1]), dim=1).values
+        best[rows] = torch.cat([best[rows], top], dim=1).topk(k, dim=1).values
+
+    for i in range(0, n, chunk):
+        for j in range(i, n, chunk):
+            sim = emb[i:i + chunk] @ emb[j:j + chunk].T  # (ci, cj) cosine similarities
+            if i == j:
+                sim.fill_diagonal_(-2.0)  # a prompt is not its own neighbour
+            merge(slice(i, i + chunk), sim)
+            if i != j:
+                merge(slice(j, j + chunk), sim.T.contiguous())  # contiguous: topk along rows is 2x faster
+    # |a - b| = sqrt(2 - 2 cos) for unit vectors
+    return (2 - 2 * best[:, -1]).clamp(min=0).sqrt().clamp(min=floor).log().numpy()
+
+
+def zscore(x):
+    """z(x) = (x - mean x) / std x, in float64; all zeros when x is constant (nothing to rank by)."""
+    x = np.asarray(x, np.float64)
+    std = x.std()
+    return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+
+
+def select(margin, eligible, pid, quality, diversity, k, alpha, gamma, max_per_prompt):
+    """Top-k eligible pairs by
+
+        s_i = z(m_i) + alpha * z(q(c_i)) + gamma * z(log rho_k(c_i))    (the paper's s_i, each term z-normalised)
+
+    at most max_per_prompt per prompt (0: no cap). z of the margin over the eligible pairs; z of quality and
+    diversity over the unique prompts with an eligible pair (a prompt in 300 pairs counts once).
+    margin, eligible, pid: (N,) per pair; quality, diversity: (U,) per unique prompt.
+    Returns (kept indices best first, (N,) scores (-inf where not eligible), pairs removed by the cap)."""
+    used = np.unique(pid[eligible])  # the prompts with an eligible pair set the scale of q and d
+    q, d = np.zeros(len(quality)), np.zeros(len(diversity))
+    if alpha:
+        q[used] = zscore(quality[used])
+    if gamma:
+        d[used] = zscore(diversity[used])
+    score = np.full(len(margin), -np.inf)
+    p = pid[eligible]
+    score[eligible] = zscore(margin[eligible]) + alpha * q[p] + gamma * d[p]
+    order = np.flatnonzero(eligible)
+    order = order[np.argsort(-score[order], kind="stable")]  # best first
+    capped = 0
+    if max_per_prompt > 0:
+        # rank of each pair among its prompt's pairs: a stable sort by prompt keeps the score order
+        by_prompt = np.argsort(pid[order], kind="stable")
+        sorted_pid = pid[order][by_prompt]
+        first = np.r_[True, sorted_pid[1:] != sorted_pid[:-1]]  # first pair of each prompt
+        group_start = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))
+        rank = np.empty(len(order), np.int64)
+        rank[by_prompt] = np.arange(len(order)) - group_start
+        capped = int((rank >= max_per_prompt).sum())
+        order = order[rank < max_per_prompt]
+    if k > len(order):
+        fail(f"--k {k} but only {len(order):,} pairs are eligible (after dropping ties, unlabelled, corrupt and "
+             f"caption-less pairs{f', and {capped:,} over --max_per_prompt' if capped else ''}); scores are cached")
+    return order[:k], score, capped
+
+
+# ------------------------------------------------------------------------------------------------
+# caches: one file per chunk of rows, named after what produced it
 
 def short_hash(*parts):
     """A short hash of anything JSON-serialisable: names cache files after what produced them."""
@@ -83,9 +201,7 @@ def file_identity(path):
 
 def model_identity(name):
     """A local model folder is identified by its files (retrained in place = new key); a hub id by its name."""
-    if not os.path.isdir(name):
-        return name
-    return [file_identity(os.path.join(name, f)) for f in sorted(os.listdir(name))]
+    return [file_identity(os.path.join(name, f)) for f in sorted(os.listdir(name))] if os.path.isdir(name) else name
 
 
 def read_chunks(folder, key, n):
@@ -108,64 +224,15 @@ def save_chunk(folder, key, start, values):
 
 
 # ------------------------------------------------------------------------------------------------
-# data: Pick-a-Pic v2 parquet (schema: README, "Data formats"), files found by public_data.parquet_files
-
-def read_index(files):
-    """The small columns of every pair in file order (public_data.read_pickapic), and the row-group sizes of each file."""
-    table, groups = read_pickapic(files, ["caption", "label_0", "label_1"], same_schema=True)
-    if table.num_rows == 0:
-        fail(f"no rows in {len(files)} parquet file(s) {files[:3]}")
-    return table, groups
-
-
-def index_prompts(captions):
-    """(unique prompts in order of first appearance, (N,) int64 index of each pair's prompt)."""
-    enc = captions.combine_chunks().fill_null("").dictionary_encode()
-    return enc.dictionary.to_pylist(), enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def chunks(files, groups, wanted, columns=None):
-    """(first row, record batch) of each chunk of at most CHUNK_ROWS rows that holds a wanted row."""
-    return pickapic_batches(files, groups, wanted, columns, batch_rows=CHUNK_ROWS)
-
-
-def parquet_pairs(files, groups):
-    """Pick-a-Pic parquet for score_pairs: wanted -> (first row, rows, images) per chunk, images(rows) decoding
-    the (jpg_0, jpg_1) of those rows of the chunk (JPEG bytes or an image struct)."""
-    def pair_chunks(wanted):
-        for start, batch in chunks(files, groups, wanted, columns=["jpg_0", "jpg_1"]):
-            jpg0, jpg1 = batch.column("jpg_0").to_pylist(), batch.column("jpg_1").to_pylist()
-            yield start, batch.num_rows, lambda rows, a=jpg0, b=jpg1: [(decode(a[r]), decode(b[r])) for r in rows]
-    return pair_chunks
-
-
-def feedback_pairs(fb):
-    """Pairs that public_data.load_pairs read, for score_pairs: chunks of CHUNK_ROWS pairs, (winner, loser) images
-    read through data.read_images; image 0 of a pair is its winner."""
-    def images(idx):
-        want = sorted(set(fb.winner[idx].tolist()) | set(fb.loser[idx].tolist()))
-        got = dict(zip(want, read_images(fb, want)))
-        return [(got[w], got[l]) for w, l in zip(fb.winner[idx], fb.loser[idx])]
-
-    def pair_chunks(wanted):
-        for start in range(0, len(fb), CHUNK_ROWS):
-            size = min(CHUNK_ROWS, len(fb) - start)
-            if wanted[start:start + size].any():
-                yield start, size, lambda rows, s=start: images(s + np.asarray(rows, np.int64))
-    return pair_chunks
-
-
-# ------------------------------------------------------------------------------------------------
 # margin: the proxy reward of both images of every pair
 
 def score_pairs(pair_chunks, need, pid, load_reward, cache):
     """R(c, x_0), R(c, x_1) of every pair in `need`: (N, 2) float32, NaN where unscored or corrupt.
 
-    pair_chunks(wanted) -> (first row, rows, images) per chunk (parquet_pairs, feedback_pairs).
+    pair_chunks(wanted) -> (first row, rows, images) per chunk (data.pickapic_pair_images, feedback_pair_images).
     load_reward() -> reward(images, pids): the proxy, loaded on first use (clip_reward, function_reward).
     Cached in chunks of at most CHUNK_ROWS pairs (read_chunks): a killed run resumes at the first
-    missing chunk. Returns (scores, pairs scored now).
-    """
+    missing chunk. Returns (scores, pairs scored now)."""
     scores = np.full((len(pid), 2), np.nan, np.float32)
     cached, done = read_chunks(cache, "scores", len(pid))
     for start, values in cached.items():
@@ -228,8 +295,7 @@ def text_embeddings(prompts, clip, cache, batch_size):
     """(U, d) L2-normalised CLIP text embeddings of the unique prompts, batched, with a progress bar.
 
     Cached like the rewards, in chunks of CHUNK_ROWS prompts (read_chunks): at Pick-a-Pic scale that is
-    60,000 prompts through CLIP-H's text tower, which a killed run should not redo. Returns (emb, embedded now).
-    """
+    60,000 prompts through CLIP-H's text tower, which a killed run should not redo. Returns (emb, embedded now)."""
     cached, done = read_chunks(cache, "emb", len(prompts))
     todo = [s for s in range(0, len(prompts), CHUNK_ROWS) if not done[s:s + CHUNK_ROWS].all()]
     embedded = sum(len(prompts[s:s + CHUNK_ROWS]) for s in todo)
@@ -279,7 +345,6 @@ def rate_prompts(prompts, name, cache, device, dtype, batch_size):
         cands = [sorted({ids[0] for ids in sp if len(ids) == 1}) for sp in spell]
         if not all(cands):
             fail(f"quality LM {name!r}: no single token for some of the digits 0-{top}")
-        values = torch.arange(top + 1, dtype=torch.float32) * 10 / top  # the 0-10 scale
         chat = bool(getattr(tok, "chat_template", None))
         mass, bar = [], tqdm(total=len(todo), desc="quality", unit="prompt")
         parts = len(glob.glob(os.path.join(cache, "part-*.parquet")))
@@ -295,10 +360,9 @@ def rate_prompts(prompts, name, cache, device, dtype, batch_size):
                 pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # count from each first real token
                 with torch.no_grad():
                     logits = lm(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1].float().cpu()  # (B, V)
-                probs = logits.softmax(-1)
-                p_v = torch.stack([probs[:, c].sum(-1) for c in cands], -1)  # (B, top+1)
-                mass += p_v.sum(-1).tolist()
-                q += (p_v / p_v.sum(-1, keepdim=True) @ values).tolist()  # expected rating
+                rating, digit_mass = expected_rating(logits, cands)
+                q += rating.tolist()
+                mass += digit_mass.tolist()
                 bar.update(len(texts))
             path = os.path.join(cache, f"part-{parts + s // CHUNK_ROWS:06d}.parquet")
             with atomic_path(path) as tmp:
@@ -311,113 +375,9 @@ def rate_prompts(prompts, name, cache, device, dtype, batch_size):
 
 
 # ------------------------------------------------------------------------------------------------
-# diversity and selection (pure; bench_fifa.py times them at Pick-a-Pic scale)
+# the steps of a run, in the order main takes them
 
-def knn_log_distance(emb, k=5, floor=0.01, chunk=2048):
-    """(U,) log rho_k: log distance from each row of emb (U, d), L2-normalised, to its k-th nearest
-    OTHER row, floored. Rows are unique prompts, so excluding a row's self excludes exact duplicates.
-
-    The (U, U) similarity matrix is never held: blocks of (chunk, chunk), 16 MB each, and only the
-    upper triangle, since block (j, i) is block (i, j) transposed: half the 5.5 TFLOP at U = 60,000.
-    Each row keeps a running list of its k largest similarities, merged block by block."""
-    emb = torch.as_tensor(emb, dtype=torch.float32)
-    n = len(emb)
-    k = min(k, n - 1)
-    if k < 1:
-        return np.zeros(n, np.float32)  # a single prompt has no neighbour: the term is constant
-    best = torch.full((n, k), -2.0)  # (U, k) k largest cosines so far; cosines are >= -1
-
-    def merge(rows, sim):  # fold the k largest of each row of sim into best[rows]
-        top = sim.topk(min(k, sim.shape[1]), dim=1).values
-        best[rows] = torch.cat([best[rows], top], dim=1).topk(k, dim=1).values
-
-    for i in range(0, n, chunk):
-        for j in range(i, n, chunk):
-            sim = emb[i:i + chunk] @ emb[j:j + chunk].T  # (ci, cj) cosine similarities
-            if i == j:
-                sim.fill_diagonal_(-2.0)  # a prompt is not its own neighbour
-            merge(slice(i, i + chunk), sim)
-            if i != j:
-                merge(slice(j, j + chunk), sim.T.contiguous())  # contiguous: topk along rows is 2x faster
-    # |a - b| = sqrt(2 - 2 cos) for unit vectors
-    return (2 - 2 * best[:, -1]).clamp(min=0).sqrt().clamp(min=floor).log().numpy()
-
-
-def zscore(x):
-    x = np.asarray(x, np.float64)
-    std = x.std()
-    return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
-
-
-def select(margin, eligible, pid, quality, diversity, k, alpha, gamma, max_per_prompt):
-    """Top-k eligible pairs by s = z(m) + alpha z(q) + gamma z(d), at most max_per_prompt per prompt.
-
-    margin, eligible, pid: (N,) per pair; quality, diversity: (U,) per unique prompt.
-    Returns (kept indices best first, (N,) scores (-inf where not eligible), pairs removed by the cap)."""
-    used = np.unique(pid[eligible])  # the prompts with an eligible pair set the scale of q and d
-    q, d = np.zeros(len(quality)), np.zeros(len(diversity))
-    if alpha:
-        q[used] = zscore(quality[used])
-    if gamma:
-        d[used] = zscore(diversity[used])
-    score = np.full(len(margin), -np.inf)
-    p = pid[eligible]
-    score[eligible] = zscore(margin[eligible]) + alpha * q[p] + gamma * d[p]
-    order = np.flatnonzero(eligible)
-    order = order[np.argsort(-score[order], kind="stable")]  # best first
-    capped = 0
-    if max_per_prompt > 0:
-        # rank of each pair among its prompt's pairs: a stable sort by prompt keeps the score order
-        by_prompt = np.argsort(pid[order], kind="stable")
-        sorted_pid = pid[order][by_prompt]
-        first = np.r_[True, sorted_pid[1:] != sorted_pid[:-1]]  # first pair of each prompt
-        group_start = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))
-        rank = np.empty(len(order), np.int64)
-        rank[by_prompt] = np.arange(len(order)) - group_start
-        capped = int((rank >= max_per_prompt).sum())
-        order = order[rank < max_per_prompt]
-    if k > len(order):
-        fail(f"--k {k} but only {len(order):,} pairs are eligible (after dropping ties, unlabelled, corrupt and "
-             f"caption-less pairs{f', and {capped:,} over --max_per_prompt' if capped else ''}); scores are cached")
-    return order[:k], score, capped
-
-
-# ------------------------------------------------------------------------------------------------
-# output
-
-def write_subset(files, groups, out, keep, columns, swap):
-    """Stream the input again and write the kept rows, in input order, with `columns` appended.
-
-    keep, swap: (N,) bool; columns: name -> (N,) array. Swapped rows get label_0/label_1 exchanged
-    (and best_image_uid, when present, set to the new winner). Written to a temp file, then renamed."""
-    with atomic_path(out) as tmp:
-        writer = None
-        for start, batch in chunks(files, groups, keep):
-            sel = np.flatnonzero(keep[start:start + batch.num_rows])
-            t, idx = pa.Table.from_batches([batch]).take(sel), start + sel
-            flip = pa.array(swap[idx])
-            l0, l1 = pc.if_else(flip, t["label_1"], t["label_0"]), pc.if_else(flip, t["label_0"], t["label_1"])
-            t = t.set_column(t.schema.get_field_index("label_0"), "label_0", l0)
-            t = t.set_column(t.schema.get_field_index("label_1"), "label_1", l1)
-            if {"best_image_uid", "image_0_uid", "image_1_uid"} <= set(t.column_names):
-                best = pc.if_else(pc.greater(l0, l1), t["image_0_uid"], t["image_1_uid"])
-                t = t.set_column(t.schema.get_field_index("best_image_uid"), "best_image_uid",
-                                 pc.if_else(flip, best, t["best_image_uid"]))
-            for name, values in columns.items():
-                t = t.append_column(name, pa.array(values[idx]))
-            writer = writer or pq.ParquetWriter(tmp, t.schema)
-            writer.write_table(t)
-        writer.close()
-
-
-def describe(name, every, kept):
-    fmt = lambda x: " ".join(f"{v:8.3f}" for v in (x.mean(), x.std(), x.min(), np.median(x), x.max()))
-    print(f"{name:<24} all  {fmt(every)}\n{'':<24} kept {fmt(kept)}")
-
-
-# ------------------------------------------------------------------------------------------------
-
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description="FiFA: keep the K most informative preference pairs for Diffusion-DPO.")
     p.add_argument("--data", required=True,
                    help="pairs: Pick-a-Pic v2 parquet (a file, a folder searched recursively, a glob or a hub dataset id, "
@@ -444,133 +404,96 @@ def main(argv=None):
     p.add_argument("--quality_batch_size", type=int, default=32, help="prompts per LM forward pass")
     p.add_argument("--cache_dir", default="", help="score caches; '' = fifa_cache/ next to --out")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="weights; auto = float32 on cpu; on cuda float16 for CLIP (scores move ~0.01) and bfloat16 for the LM")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 on CUDA, fp32 on the CPU; bf16: CLIP and the LM held in bf16 (also on the CPU); fp32")
+    p.add_argument("--dtype", help=argparse.SUPPRESS,  # the old flag: one clear line, not "unrecognized arguments"
+                   type=lambda _: fail("--dtype is gone: use --precision auto|fp32|bf16 (auto: bf16 on CUDA, fp32 on CPU)"))
     args = p.parse_args(argv)
     if args.k < 1 or args.knn < 1 or args.max_per_prompt < 0 or args.rho_floor <= 0:
         fail("need --k >= 1, --knn >= 1, --max_per_prompt >= 0 and --rho_floor > 0")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
-    cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fifa_cache")
+    return args
 
-    # --- data: the small columns only; images are read chunk by chunk when scored and when written
-    streamed = pairs_format(args.data) == "pickapic"  # Pick-a-Pic parquet is streamed; any other source is loaded
-    if streamed:
-        files = parquet_files(args.data)
-        table, groups = read_index(files)
+
+def index_prompts(captions):
+    """(unique prompts in order of first appearance, (N,) int64 index of each pair's prompt)."""
+    enc = captions.combine_chunks().fill_null("").dictionary_encode()
+    return enc.dictionary.to_pylist(), enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def read_pairs(data, out):
+    """Every pair of --data, its small columns only (images are read chunk by chunk when scored and when written):
+    n pairs, their unique prompts and (N,) pid into them, the (N,) human winner human_w (0, 1; -1 neither) and
+    tie, pair_chunks for score_pairs, data_key for the caches, and files, groups, fb for writing the subset."""
+    fb = groups = None
+    if pairs_format(data) == "pickapic":  # streamed (its 335 GB are read chunk by chunk, twice)
+        files = parquet_files(data)
+        table, groups = read_pickapic(files, ["caption", "label_0", "label_1"], same_schema=True)
+        if table.num_rows == 0:
+            fail(f"no rows in {len(files)} parquet file(s) {files[:3]}")
         n = table.num_rows
         prompts, pid = index_prompts(table["caption"])
         l0 = table["label_0"].to_numpy().astype(np.float64)  # nulls become NaN: neither 1/0 nor 0/1
         l1 = table["label_1"].to_numpy().astype(np.float64)
-        human_w = np.where((l0 == 1) & (l1 == 0), 0, np.where((l0 == 0) & (l1 == 1), 1, -1))  # human winner
+        human_w = np.where((l0 == 1) & (l1 == 0), 0, np.where((l0 == 0) & (l1 == 1), 1, -1))
         tie = (l0 == 0.5) & (l1 == 0.5)
-        pair_chunks, data_key = parquet_pairs(files, groups), [file_identity(f) for f in files]
+        pair_chunks, data_key = pickapic_pair_images(files, groups, CHUNK_ROWS), [file_identity(f) for f in files]
     else:  # HPDv2, a JSONL of pairs: the reader drops and counts ties, missing files, caption-less entries
-        if os.path.splitext(args.out)[1].lower() not in (".parquet", ".jsonl"):
-            fail(f"--out {args.out}: write the subset of {args.data} as .parquet (Pick-a-Pic schema) or .jsonl (pairs)")
-        fb = load_pairs(args.data)
-        files = [hpdv2_file(args.data) or args.data]  # the annotation file: with the pairs it keys the caches
+        if os.path.splitext(out)[1].lower() not in (".parquet", ".jsonl"):
+            fail(f"--out {out}: write the subset of {data} as .parquet (Pick-a-Pic schema) or .jsonl (pairs)")
+        fb = load_pairs(data)
+        files = [hpdv2_file(data) or data]  # the annotation file: with the pairs it keys the caches
         n, prompts, pid = len(fb), list(fb.captions), fb.caption_idx.copy()
         human_w, tie = np.zeros(n, np.int64), np.zeros(n, bool)  # image 0 of a pair is its winner
-        pair_chunks, data_key = feedback_pairs(fb), [file_identity(files[0]), pairs_identity(fb)]
+        pair_chunks, data_key = feedback_pair_images(fb, CHUNK_ROWS), [file_identity(files[0]), pairs_identity(fb)]
         print(f"read {fb.summary('pairs')}")
-    if os.path.realpath(args.out) in {os.path.realpath(f) for f in files}:
-        fail(f"--out {args.out} is one of the input files")
-    os.makedirs(cache, exist_ok=True)  # not before: a wrong --data leaves no empty cache folder behind
-    blank = np.array([not s.strip() for s in prompts], bool)[pid]
-    need = (human_w >= 0) & ~blank  # pairs worth scoring
-    # keep the prompts of those pairs only, renumbered 0..U-1 (-1 for the others)
-    used = np.unique(pid[need])
-    remap = np.full(len(prompts), -1)
+    if os.path.realpath(out) in {os.path.realpath(f) for f in files}:
+        fail(f"--out {out} is one of the input files")
+    return SimpleNamespace(streamed=fb is None, files=files, groups=groups, fb=fb, n=n, prompts=prompts, pid=pid,
+                           human_w=human_w, tie=tie, pair_chunks=pair_chunks, data_key=data_key)
+
+
+def usable_pairs(d, data):
+    """The pairs worth scoring (a human winner and a caption), what was dropped, and the prompts of the usable
+    pairs only: returns (N,) bool need, (N,) pid renumbered 0..U-1 (-1 for the others), their U prompts, stats."""
+    blank = np.array([not s.strip() for s in d.prompts], bool)[d.pid]
+    need = (d.human_w >= 0) & ~blank
+    used = np.unique(d.pid[need])
+    remap = np.full(len(d.prompts), -1)
     remap[used] = np.arange(len(used))
-    pid, prompts = remap[pid], [prompts[i] for i in used]
+    pid, prompts = remap[d.pid], [d.prompts[i] for i in used]
     if not need.any():
-        fail(f"no usable pair in {args.data}: all {n:,} are ties, unlabelled or caption-less")
-    stats = dict(pairs_in=n, ties=int(tie.sum()), other_labels=int((~tie & (human_w < 0)).sum()),
-                 no_caption=int((blank & (human_w >= 0)).sum()))
-    if not streamed:  # what the reader dropped, by its reasons (it read no pair it then skipped as a pair)
-        stats["ties"] = sum(v for k, v in fb.skipped.items() if k.startswith("tie"))
-        stats["other_labels"] = sum(fb.skipped.values()) - stats["ties"]
-        stats["pairs_in"] = n + sum(fb.skipped.values())
-    print(f"{n:,} pairs in {len(files)} file(s), {len(prompts):,} unique prompts with a usable pair")
+        fail(f"no usable pair in {data}: all {d.n:,} are ties, unlabelled or caption-less")
+    stats = dict(pairs_in=d.n, ties=int(d.tie.sum()), other_labels=int((~d.tie & (d.human_w < 0)).sum()),
+                 no_caption=int((blank & (d.human_w >= 0)).sum()))
+    if not d.streamed:  # what the reader dropped, by its reasons (it read no pair it then skipped as a pair)
+        stats["ties"] = sum(v for k, v in d.fb.skipped.items() if k.startswith("tie"))
+        stats["other_labels"] = sum(d.fb.skipped.values()) - stats["ties"]
+        stats["pairs_in"] = d.n + sum(d.fb.skipped.values())
+    return need, pid, prompts, stats
 
-    # --- margin: proxy reward of both images (cached per chunk), text embeddings (cached per data + model)
-    @functools.lru_cache(maxsize=None)
-    def clip(name, processor):  # loaded on first use: a fully cached rerun loads no model at all
-        return load_clip(name, processor or None, device=device, dtype=dtype)
 
-    def text(name, processor):
-        key = short_hash("text", data_key, model_identity(name), model_identity(processor), str(dtype))
-        return text_embeddings(prompts, lambda: clip(name, processor), os.path.join(cache, f"text-{key}"),
-                               args.batch_size)
-
-    reward = (args.reward_model, args.reward_processor)
-    if is_function(args.reward_model):  # your own reward (the toy world's red user): no text tower
-        if args.gamma and not args.embed_model:
-            fail(f"--reward_model {args.reward_model} has no text tower for the diversity term: pass --embed_model "
-                 f"(a CLIP) or --gamma 0")
-        reward_text, embedded, fn = None, 0, load_function(args.reward_model)  # a wrong name stops here, not later
-        load_reward = lambda: function_reward(fn, prompts)
+def write_output(d, out, keep, columns, swap, rewards):
+    """The kept pairs with the fifa_* columns. In pairs the winner is image 0: a pair the proxy relabels swaps
+    its images, and their rewards with them."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if d.streamed:
+        write_pickapic_subset(d.files, d.groups, out, keep, columns, swap, batch_rows=CHUNK_ROWS)
     else:
-        reward_text, embedded = text(*reward)
-        load_reward = lambda: clip_reward(*clip(*reward), reward_text, args.batch_size)
-    key = short_hash("reward", data_key, *map(model_identity, reward), str(dtype))
-    rewards, stats["pairs_scored"] = score_pairs(pair_chunks, need, pid, load_reward,
-                                                 os.path.join(cache, f"reward-{key}"))
-    corrupt = need & np.isnan(rewards).any(1)
-    eligible = need & ~corrupt
-    stats["corrupt"] = int(corrupt.sum())
-    proxy_w = np.where(rewards[:, 1] > rewards[:, 0], 1, 0)
-    r_w = np.where(human_w == 1, rewards[:, 1], rewards[:, 0])
-    r_l = np.where(human_w == 1, rewards[:, 0], rewards[:, 1])
-    margin = r_w - r_l if args.margin == "signed" else np.abs(r_w - r_l)
-    swap = eligible & (proxy_w != human_w) & (args.margin == "absolute")
-
-    # --- quality and diversity, once per unique prompt
-    quality = np.full(len(prompts), np.nan, np.float32)
-    stats["prompts_rated"] = 0
-    if args.quality != "none":
-        # bfloat16 on cuda: Qwen2.5's own dtype (float16 can overflow in its activations)
-        lm_dtype = torch.bfloat16 if dtype == torch.float16 and args.dtype == "auto" else dtype
-        qcache = os.path.join(cache, "quality-" + short_hash(model_identity(args.quality), QUALITY_PROMPT, str(lm_dtype)))
-        quality, stats["prompts_rated"] = rate_prompts(prompts, args.quality, qcache, device, lm_dtype, args.quality_batch_size)
-    embedder = (args.embed_model, "") if args.embed_model else reward
-    emb, more = text(*embedder) if args.embed_model else (reward_text, 0)
-    stats["prompts_embedded"] = embedded + more
-    if emb is None:  # a reward function with --gamma 0: no text embeddings, no diversity term
-        diversity = np.full(len(prompts), np.nan, np.float32)
-    else:  # cached too: at Pick-a-Pic scale the k-NN takes about a minute, and reruns only change alpha/gamma/k
-        path = os.path.join(cache, "diversity-" + short_hash(data_key, *map(model_identity, embedder), str(dtype),
-                                                               args.knn, args.rho_floor) + ".safetensors")
-        if not os.path.exists(path):
-            save_safetensors({"log_rho": torch.from_numpy(knn_log_distance(emb, args.knn, args.rho_floor))}, path)
-        diversity = load_file(path)["log_rho"].numpy()
-
-    # --- select and write
-    alpha = args.alpha if args.quality != "none" else 0.0
-    kept, score, stats["capped"] = select(margin, eligible, pid, quality, diversity, args.k, alpha,
-                                          args.gamma, args.max_per_prompt)
-    keep, rank = np.zeros(n, bool), np.full(n, -1)
-    keep[kept], rank[kept] = True, np.arange(len(kept))
-    q_pair, d_pair = quality[pid], diversity[pid]  # index -1 (no usable pair) is never kept
-    columns = {"fifa_reward_0": rewards[:, 0], "fifa_reward_1": rewards[:, 1], "fifa_margin": margin.astype(np.float32),
-               "fifa_quality": q_pair, "fifa_diversity": d_pair, "fifa_score": score.astype(np.float32),
-               "fifa_rank": rank, "fifa_relabelled": swap}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if streamed:
-        write_subset(files, groups, args.out, keep, columns, swap)
-    else:  # the winner is image 0: a pair the proxy relabels swaps its images, and their rewards with them
-        fb.winner, fb.loser = np.where(swap, fb.loser, fb.winner), np.where(swap, fb.winner, fb.loser)
+        d.fb.winner, d.fb.loser = np.where(swap, d.fb.loser, d.fb.winner), np.where(swap, d.fb.winner, d.fb.loser)
         columns["fifa_reward_0"] = np.where(swap, rewards[:, 1], rewards[:, 0])
         columns["fifa_reward_1"] = np.where(swap, rewards[:, 0], rewards[:, 1])
-        write_pairs(fb, np.flatnonzero(keep), args.out, columns)
+        write_pairs(d.fb, np.flatnonzero(keep), out, columns)
 
-    # --- summary
-    stats.update(kept=len(kept), unique_prompts=len(prompts), unique_prompts_kept=len(np.unique(pid[kept])),
-                 relabelled=int(swap[kept].sum()), proxy_agrees=float((proxy_w == human_w)[eligible].mean()))
+
+def print_summary(args, stats, d, cache, eligible, kept, pid, margin, q_pair, d_pair):
+    """What was dropped, scored and kept, with counts, and how the three scores of the kept pairs compare to all."""
+    def describe(name, every, kept):
+        fmt = lambda x: " ".join(f"{v:8.3f}" for v in (x.mean(), x.std(), x.min(), np.median(x), x.max()))
+        print(f"{name:<24} all  {fmt(every)}\n{'':<24} kept {fmt(kept)}")
+
     print(f"pairs in              {stats['pairs_in']:>10,}\n"
           f"ties dropped          {stats['ties']:>10,}\n"
-          f"other labels dropped  {stats['other_labels']:>10,}  ({'neither 1/0 nor 0/1' if streamed else 'the reasons above'})\n"
+          f"other labels dropped  {stats['other_labels']:>10,}  ({'neither 1/0 nor 0/1' if d.streamed else 'the reasons above'})\n"
           f"no caption dropped    {stats['no_caption']:>10,}\n"
           f"corrupt image pairs   {stats['corrupt']:>10,}  (skipped: an image missing or not decodable)\n"
           f"eligible              {int(eligible.sum()):>10,}  over {len(np.unique(pid[eligible])):,} unique prompts; "
@@ -584,8 +507,89 @@ def main(argv=None):
     describe(f"margin ({args.margin})", margin[eligible], margin[kept])
     if args.quality != "none":
         describe("quality (0-10)", q_pair[eligible], q_pair[kept])
-    if emb is not None:
+    if d_pair is not None:
         describe(f"diversity (log rho_{args.knn})", d_pair[eligible], d_pair[kept])
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    # the precision rule of every script (auto: bf16 on CUDA, fp32 on the CPU); here, the dtype CLIP and the LM
+    # are held in: they only score, and bf16 is Qwen2.5's own dtype (fp16 can overflow in its activations)
+    dtype = torch.bfloat16 if resolve_precision(args.precision, device.startswith("cuda")) == "bf16" else torch.float32
+    cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fifa_cache")
+
+    # --- data: the small columns of every pair; the pairs worth scoring and their unique prompts
+    d = read_pairs(args.data, args.out)
+    os.makedirs(cache, exist_ok=True)  # not before: a wrong --data leaves no empty cache folder behind
+    need, pid, prompts, stats = usable_pairs(d, args.data)
+    print(f"{d.n:,} pairs in {len(d.files)} file(s), {len(prompts):,} unique prompts with a usable pair")
+
+    # --- CLIP, loaded on first use (a fully cached rerun loads no model at all), and its text embeddings
+    @functools.lru_cache(maxsize=None)
+    def clip(name, processor):
+        return load_clip(name, processor or None, device=device, dtype=dtype)
+
+    def text(name, processor):  # (U, d) embeddings of the prompts, cached per data + model
+        key = short_hash("text", d.data_key, model_identity(name), model_identity(processor), str(dtype))
+        return text_embeddings(prompts, lambda: clip(name, processor), os.path.join(cache, f"text-{key}"),
+                               args.batch_size)
+
+    # --- margin: the proxy reward of both images of every usable pair (cached per chunk)
+    reward = (args.reward_model, args.reward_processor)
+    if is_function(args.reward_model):  # your own reward (the toy world's red user): no text tower
+        if args.gamma and not args.embed_model:
+            fail(f"--reward_model {args.reward_model} has no text tower for the diversity term: pass --embed_model "
+                 f"(a CLIP) or --gamma 0")
+        reward_text, embedded, fn = None, 0, load_function(args.reward_model)  # a wrong name stops here, not later
+        load_reward = lambda: function_reward(fn, prompts)
+    else:
+        reward_text, embedded = text(*reward)
+        load_reward = lambda: clip_reward(*clip(*reward), reward_text, args.batch_size)
+    key = short_hash("reward", d.data_key, *map(model_identity, reward), str(dtype))
+    rewards, stats["pairs_scored"] = score_pairs(d.pair_chunks, need, pid, load_reward,
+                                                 os.path.join(cache, f"reward-{key}"))
+    corrupt = need & np.isnan(rewards).any(1)
+    eligible = need & ~corrupt
+    stats["corrupt"] = int(corrupt.sum())
+    margin, proxy_w, swap = preference_margin(rewards, d.human_w, eligible, args.margin)
+
+    # --- quality and diversity, once per unique prompt
+    quality = np.full(len(prompts), np.nan, np.float32)
+    stats["prompts_rated"] = 0
+    if args.quality != "none":
+        qcache = os.path.join(cache, "quality-" + short_hash(model_identity(args.quality), QUALITY_PROMPT, str(dtype)))
+        quality, stats["prompts_rated"] = rate_prompts(prompts, args.quality, qcache, device, dtype, args.quality_batch_size)
+    embedder = (args.embed_model, "") if args.embed_model else reward
+    emb, more = text(*embedder) if args.embed_model else (reward_text, 0)
+    stats["prompts_embedded"] = embedded + more
+    if emb is None:  # a reward function with --gamma 0: no text embeddings, no diversity term
+        diversity = np.full(len(prompts), np.nan, np.float32)
+    else:  # cached too: at Pick-a-Pic scale the k-NN takes about a minute, and reruns only change alpha/gamma/k
+        path = os.path.join(cache, "diversity-" + short_hash(d.data_key, *map(model_identity, embedder), str(dtype),
+                                                               args.knn, args.rho_floor) + ".safetensors")
+        if not os.path.exists(path):
+            save_safetensors({"log_rho": torch.from_numpy(knn_log_distance(emb, args.knn, args.rho_floor))}, path)
+        diversity = load_file(path)["log_rho"].numpy()
+
+    # --- select and write
+    alpha = args.alpha if args.quality != "none" else 0.0
+    kept, score, stats["capped"] = select(margin, eligible, pid, quality, diversity, args.k, alpha,
+                                          args.gamma, args.max_per_prompt)
+    keep, rank = np.zeros(d.n, bool), np.full(d.n, -1)
+    keep[kept], rank[kept] = True, np.arange(len(kept))
+    q_pair, d_pair = quality[pid], diversity[pid]  # index -1 (no usable pair) is never kept
+    columns = {"fifa_reward_0": rewards[:, 0], "fifa_reward_1": rewards[:, 1], "fifa_margin": margin.astype(np.float32),
+               "fifa_quality": q_pair, "fifa_diversity": d_pair, "fifa_score": score.astype(np.float32),
+               "fifa_rank": rank, "fifa_relabelled": swap}
+    write_output(d, args.out, keep, columns, swap, rewards)
+
+    # --- summary
+    stats.update(kept=len(kept), unique_prompts=len(prompts), unique_prompts_kept=len(np.unique(pid[kept])),
+                 relabelled=int(swap[kept].sum()), proxy_agrees=float((proxy_w == d.human_w)[eligible].mean()))
+    print_summary(args, stats, d, cache, eligible, kept, pid, margin, q_pair, d_pair if emb is not None else None)
     return stats
 
 

@@ -5,7 +5,8 @@ reader: the public datasets here (Pick-a-Pic v2 parquet, HPDv2's JSON annotation
 folders) or a user's own formats in data.py (JSONL pairs, liked/ and disliked/ folders, metadata files,
 the Diffusion-KTO authors' CSV). This module imports data.py (Feedback, decoding, the local formats);
 data.py never imports it, so there is no import circle. Where to get each dataset: README, "Where to get
-preference data". write_pairs writes pairs back out, as Pick-a-Pic parquet or as JSONL (filter_fifa.py).
+preference data". write_pairs writes pairs back out, as Pick-a-Pic parquet or as JSONL, and
+write_pickapic_subset the kept rows of streamed Pick-a-Pic parquet (filter_fifa.py's subsets).
 """
 import fnmatch
 import glob
@@ -18,7 +19,7 @@ import re
 import numpy as np
 
 from files import atomic_path, fail, one_line
-from data import (Feedback, decode, is_kto_csv, load_pairs_jsonl, read_images, singles_from_class_folders,
+from data import (Feedback, decode, is_kto_csv, load_pairs_jsonl, pickapic_batches, read_images, singles_from_class_folders,
                   singles_from_kto_csv, singles_from_metadata, CLASS_FOLDERS)
 
 GET_DATA = ("options: a local copy (a file or folder), a mirror in the same schema (its hub id), or another "
@@ -406,6 +407,35 @@ def write_pairs(fb, rows, out, columns=None, batch_rows=1024):
                  "label_0": pa.array(np.ones(len(part)), pa.float64()), "label_1": pa.array(np.zeros(len(part)), pa.float64()),
                  "image_0_uid": [uid(i) for i in w], "image_1_uid": [uid(i) for i in l], "best_image_uid": [uid(i) for i in w]}
             t = pa.table({**t, **{k: pa.array(np.asarray(v)[part]) for k, v in columns.items()}})
+            writer = writer or pq.ParquetWriter(tmp, t.schema)
+            writer.write_table(t)
+        writer.close()
+
+
+def write_pickapic_subset(files, groups, out, keep, columns, swap, batch_rows=1024):
+    """Stream Pick-a-Pic parquet files again and write the kept rows, in input order, every column kept and
+    `columns` appended (filter_fifa.py's subset of streamed Pick-a-Pic; groups: read_pickapic's row-group sizes).
+
+    keep, swap: (N,) bool; columns: name -> (N,) array. Swapped rows get label_0/label_1 exchanged
+    (and best_image_uid, when present, set to the new winner). Written to a temp file, then renamed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    with atomic_path(out) as tmp:
+        writer = None
+        for start, batch in pickapic_batches(files, groups, keep, batch_rows=batch_rows):
+            sel = np.flatnonzero(keep[start:start + batch.num_rows])
+            t, idx = pa.Table.from_batches([batch]).take(sel), start + sel
+            flip = pa.array(swap[idx])
+            l0, l1 = pc.if_else(flip, t["label_1"], t["label_0"]), pc.if_else(flip, t["label_0"], t["label_1"])
+            t = t.set_column(t.schema.get_field_index("label_0"), "label_0", l0)
+            t = t.set_column(t.schema.get_field_index("label_1"), "label_1", l1)
+            if {"best_image_uid", "image_0_uid", "image_1_uid"} <= set(t.column_names):
+                best = pc.if_else(pc.greater(l0, l1), t["image_0_uid"], t["image_1_uid"])
+                t = t.set_column(t.schema.get_field_index("best_image_uid"), "best_image_uid",
+                                 pc.if_else(flip, best, t["best_image_uid"]))
+            for name, values in columns.items():
+                t = t.append_column(name, pa.array(values[idx]))
             writer = writer or pq.ParquetWriter(tmp, t.schema)
             writer.write_table(t)
         writer.close()

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import filter_fifa
-from filter_fifa import knn_log_distance, main, select
+from filter_fifa import expected_rating, knn_log_distance, main, preference_margin, select, zscore
 
 WORDS = "a an the red green blue yellow big small circle square triangle star dog cat tree sky photo of".split()
 FIFA_COLUMNS = ["fifa_reward_0", "fifa_reward_1", "fifa_margin", "fifa_quality", "fifa_diversity",
@@ -173,6 +173,39 @@ def test_knn_log_distance_matches_brute_force():
     assert got[0] == got[1] == pytest.approx(math.log(0.01))
 
 
+def test_margin_and_quality_are_the_papers_equations():
+    # R(c, x_0), R(c, x_1) of 4 pairs: the human prefers x_0, x_1, x_0 (the proxy x_1), and pair 3 is a tie
+    rewards = np.array([[3.0, 1.0], [1.0, 4.0], [2.0, 5.0], [7.0, 7.0]], np.float32)
+    human_w, eligible = np.array([0, 1, 0, -1]), np.array([True, True, True, False])
+    margin, proxy_w, swap = preference_margin(rewards, human_w, eligible, "signed")
+    assert margin.tolist() == [2.0, 3.0, -3.0, 0.0]  # m = R(c, x_w) - R(c, x_l): a disagreement sinks
+    assert proxy_w.tolist() == [0, 1, 1, 0] and not swap.any()
+    margin, _, swap = preference_margin(rewards, human_w, eligible, "absolute")
+    assert margin.tolist() == [2.0, 3.0, 3.0, 0.0] and swap.tolist() == [False, False, True, False]  # relabelled
+    # q = sum_v v p(v) / sum_v p(v) on the 0-10 scale; digits 0..2 (-> 0, 5, 10), "1" spelled by tokens 1 and 3
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    q, mass = expected_rating(probs.log(), [[0], [1, 3], [2]])
+    np.testing.assert_allclose(q, [(5 * 0.4 + 10 * 0.3) / 0.8, (5 * 0.4 + 10 * 0.2) / 0.8], rtol=1e-6)
+    np.testing.assert_allclose(mass, [0.8, 0.8], rtol=1e-6)  # token 4 is no digit
+
+
+def test_select_weighs_z_scores_over_unique_prompts():
+    np.testing.assert_allclose(zscore([1.0, 2.0, 3.0]), [-1.5 ** 0.5, 0.0, 1.5 ** 0.5])
+    assert zscore([4.0, 4.0]).tolist() == [0.0, 0.0]  # a constant term ranks nothing
+    margin = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    pid = np.array([0, 0, 0, 1, 2, 3])  # prompt 0 in three pairs; prompt 3's only pair is not eligible
+    eligible = np.array([True, True, True, True, True, False])
+    quality, diversity = np.array([0.0, 3.0, 9.0, 100.0]), np.array([-1.0, -2.0, 0.0, 50.0])
+    kept, score, capped = select(margin, eligible, pid, quality, diversity, 3, 0.5, 2.0, 1)
+    # s = z(m) + alpha z(q) + gamma z(log rho): z(m) over the eligible pairs, z(q) and z(log rho) over prompts
+    # 0, 1, 2, each once (prompt 0's three pairs do not weigh it thrice, prompt 3 has no eligible pair)
+    want = zscore(margin[:5]) + 0.5 * zscore(quality[:3])[pid[:5]] + 2.0 * zscore(diversity[:3])[pid[:5]]
+    np.testing.assert_allclose(score[:5], want)
+    assert score[5] == -np.inf
+    # by score: 4, 2, 1, 3, 0 (diversity sinks pair 3 below prompt 0's); one pair per prompt keeps 4, 2, 3
+    assert list(kept) == [4, 2, 3] and capped == 2
+
+
 def test_select_cap_and_alpha_gamma_zero():
     margin = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0])
     pid = np.array([0, 0, 0, 1, 1, 2, 2])
@@ -208,6 +241,20 @@ def test_bad_input_gives_clear_messages(data, clip_dir, tmp_path):
     with pytest.raises(SystemExit, match="data not found"):
         run(str(tmp_path / "nowhere"), tmp_path / "new" / "o.parquet", clip_dir, "none")
     assert not (tmp_path / "new").exists()  # no empty cache folder left beside the --out that was never written
+    with pytest.raises(SystemExit, match=r"--dtype is gone: use --precision auto\|fp32\|bf16"):
+        run(data, tmp_path / "o.parquet", clip_dir, "none", "--dtype", "float16")  # the old flag, one clear line
+
+
+def test_precision_bf16_holds_the_models_in_bf16_and_keeps_its_own_caches(data, clip_dir, lm_dir, tmp_path):
+    args = ("--k", 14, "--max_per_prompt", 0, "--cache_dir", tmp_path / "cache")
+    run(data, tmp_path / "fp32.parquet", clip_dir, lm_dir, *args)  # auto: fp32 on the CPU
+    stats = run(data, tmp_path / "bf16.parquet", clip_dir, lm_dir, *args, "--precision", "bf16")
+    assert (stats["pairs_scored"], stats["prompts_rated"], stats["prompts_embedded"]) == (15, 8, 8)  # none from fp32's
+    fp32, bf16 = (pq.read_table(tmp_path / f).to_pydict() for f in ("fp32.parquet", "bf16.parquet"))
+    by_row = lambda t, c: [v for _, v in sorted(zip(t["ranking_id"], t[c]))]
+    for c in ("fifa_reward_0", "fifa_reward_1", "fifa_quality"):  # rewards ~3, ratings ~5 here
+        diff = np.abs(np.subtract(by_row(fp32, c), by_row(bf16, c)))
+        assert 0 < diff.max() < 0.25  # CLIP and the LM in bf16: close to their fp32 scores, not equal to them
 
 
 class Interrupted(Exception):
