@@ -9,6 +9,9 @@ qualities + gamma * the entropy of S's prompt embeddings. Estimated once over th
 
     s_i = m_i + alpha * q(c_i) + gamma * log rho_k(c_i)                          (Yang et al., ICLR 2025)
 
+with each term z-normalised here (select: z(m_i) + alpha z(q) + gamma z(log rho_k)) and at most 2 pairs per
+prompt kept (--max_per_prompt); the defaults below say why.
+
   m_i    R(c_i, x_w) - R(c_i, x_l), R a proxy reward (PickScore: logit_scale.exp() * cos(image, text))
   q(c)   a small instruct LLM's expected 0-10 rating of the prompt, read from the next-token
          probabilities of the digits (one forward pass, no sampling)

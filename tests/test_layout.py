@@ -57,7 +57,7 @@ def test_no_import_circle_and_no_trainer_loads_a_reward_model():
 
 def test_the_reading_map_names_what_the_trainers_import():
     text = " ".join(readme().split())
-    calls = names(re.search(r"what it calls is in (.*?), each a page or two", text).group(1))
+    calls = names(re.search(r"What they call is in (.*?); the functions to open first", text).group(1))
     assert set(calls) == (GRAPH["train_dpo"] | GRAPH["train_kto"]) - {"losses"}
     chains = re.search(r"Imports go one way \((.*?)\): no circle", text).group(1).split("; ")
     trainers = [c for c in chains if c.startswith("the trainers import")]
