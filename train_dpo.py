@@ -95,6 +95,8 @@ def main(argv=None):
     if start_step >= args.max_steps:
         ctx.say(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
 
+    # -------------------------------------------------------------------------
+    # a step's batch: each pair's own draws (flip, latents, prompt dropout, noise eps and timestep t)
     def pair_batch(step, micro):
         """This rank's micro-batch: winners, losers, their conditioning (the prompt; for SDXL also each image's
         time ids), one shared (eps, t) per pair."""

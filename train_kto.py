@@ -35,8 +35,8 @@ parser = common.base_parser(__doc__.split("\n\n")[0])
 a = parser.add_argument
 a("--utility", choices=sorted(UTILITIES), default="sigmoid", help="utility U(u) of the paper's ablation (losses.py)")
 a("--ref_point", choices=["batch", "mismatched"], default="batch",
-  help="batch: max(0, mean reward of the step's global batch) as the paper's run; mismatched: the mean reward of "
-       "images paired with another image's prompt, as the paper's text describes (one more no-grad forward of each model)")
+  help="batch: max(0, mean reward of the step's global batch) as the paper's run; mismatched: max(0, mean reward of "
+       "the images conditioned on another image's prompt), as the paper's text describes (one more no-grad forward of each model)")
 a("--desirable_share", type=float, default=0.8, help="gamma: probability that a drawn image is a liked one")
 a("--lambda_d", type=float, default=1.0, help="loss weight of liked (desirable) images")
 a("--lambda_u", type=float, default=1.0, help="loss weight of disliked (undesirable) images")
@@ -130,6 +130,8 @@ def main(argv=None):
     if start_step >= args.max_steps:
         ctx.say(f"already at step {start_step} >= --max_steps {args.max_steps}: nothing to train")
 
+    # -------------------------------------------------------------------------
+    # a step's batch: each image's own draws (liked or disliked, flip, latents, prompt dropout, noise eps, timestep t)
     def sample(pos):
         """Every random choice of the image at global position `pos`, from its own generator: (feedback row,
         label +1/-1, flipped, the posterior draw, caption index (the empty one if dropped), eps, t)."""
