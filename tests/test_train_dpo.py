@@ -183,11 +183,28 @@ def test_killed_during_save_leaves_the_previous_checkpoint(tiny_pipe_dir, pickap
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on the CPU
 
 
-def test_resume_refuses_other_flags(tiny_pipe_dir, pickapic, tmp_path):
+def test_resume_refuses_other_flags(tiny_pipe_dir, pickapic, tmp_path, monkeypatch):
+    """--resume takes another --max_steps, intervals and micro-batch; any other flag that differs, one that did not
+    exist when the checkpoint was written included, stops with one line naming it and both values."""
+    import copy
     out = tmp_path / "out"
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "1"))
     with pytest.raises(SystemExit, match="--beta"):
         train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "2", "--resume", "--beta", "100"))
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "2", "--resume",
+                            "--micro_batch", "1", "--log_every", "2", "--save_every", "2", "--keep_checkpoints", "3"))
+    assert [r["step"] for r in records(out)] == [1, 2]
+    # a flag someone adds to the trainer later, named in no list: the older checkpoint resumes at its default ...
+    parser = copy.deepcopy(train_dpo.parser)
+    parser.add_argument("--a_new_flag", type=int, default=0)
+    monkeypatch.setattr(train_dpo, "parser", parser)
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "3", "--resume"))
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
+    # ... and it is protected from then on
+    with pytest.raises(SystemExit) as stop:
+        train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "4", "--resume",
+                                "--a_new_flag", "1"))
+    assert "\n" not in str(stop.value) and "other --a_new_flag (0 there, 1 now)" in str(stop.value)
 
 
 def launch(args, nproc=1, **kw):
