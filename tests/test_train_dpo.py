@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dpo
-from conftest import ROOT, torchrun, write_hpdv2, write_pickapic
+from conftest import ROOT, run_killed_at, torchrun, write_hpdv2, write_pickapic
 
 
 def args_for(pipe, data, out, cache, *extra):
@@ -158,27 +158,21 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_pipe_dir, pickapic,
     assert open(out / "checkpoints" / "latest").read() == "step_0000002"
 
 
-def test_killed_during_save_leaves_the_previous_checkpoint(tiny_pipe_dir, pickapic, tmp_path, monkeypatch):
-    """A save that dies half-way (simulated) leaves `latest` on a complete checkpoint; resume works."""
-    import safetensors.torch
+def test_killed_during_save_leaves_the_previous_checkpoint(tiny_pipe_dir, pickapic, tmp_path):
+    """A SIGKILL half-way through a save (its weight files written, its state.json not yet) leaves `latest` on the
+    complete checkpoint before it and the half-written one under its temporary name only; --resume clears that and
+    ends where a run that never stopped ends."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     ref_out = tmp_path / "ref"
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, ref_out, cache, "--max_steps", "3"))
-    real_save, saves = safetensors.torch.save_file, []
-
-    def dying_save(tensors, path, *a, **k):
-        saves.append(path)
-        if "step_0000002" in path and path.endswith("optimizer.safetensors"):
-            real_save(dict(list(tensors.items())[:1]), path)  # a partial file, then the process "dies"
-            raise KeyboardInterrupt("killed")
-        return real_save(tensors, path, *a, **k)
-    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "3"))
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    assert open(out / "checkpoints" / "latest").read() == "step_0000001"
+    run_killed_at("train_dpo.py", args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "3"),
+                  "open", "step_0000002.tmp", "state.json")
+    root = out / "checkpoints"
+    assert open(root / "latest").read() == "step_0000001"
+    [partial] = [d for d in os.listdir(root) if d.startswith("step_0000002")]
+    assert ".tmp" in partial and sorted(os.listdir(root / partial)) == ["model.safetensors", "optimizer.safetensors"]
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "3", "--resume"))
-    assert not any(d.startswith(".tmp") for d in os.listdir(out / "checkpoints"))
+    assert not any(".tmp" in d for d in os.listdir(root))
     a, b = unet_weights(str(ref_out)), unet_weights(str(out))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on the CPU
 
