@@ -260,7 +260,7 @@ def test_sharded_bf16_step_one_is_exact(trained_dir, pickapic, tmp_path):  # noq
            "--grad_checkpointing", "--save_every", "0")
     finish(launch(os.path.join(ROOT, "train_dpo.py"), args_for(trained_dir, pickapic, tmp_path / "dpo", tmp_path / "c", *run)))
     first, second = records(tmp_path / "dpo")
-    assert first["loss"] == math.log(2) or first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)  # -log sigmoid(0) in fp32: log 2 within an fp32 ulp
     assert first["reward_margin"] == 0.0 and first["implicit_acc"] == 0.0 and second["reward_margin"] != 0.0
     finish(launch(os.path.join(ROOT, "train_kto.py"), args_for(trained_dir, pickapic, tmp_path / "kto", tmp_path / "c", *run,
                                                                   "--global_batch", "8", "--desirable_share", "0.5")))
