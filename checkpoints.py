@@ -82,12 +82,52 @@ def latest_good_checkpoint(out_dir, say=print):
     return None
 
 
-def resume(out_dir, optimizer, config, resume_keys, say=print):
+# the flags a resumed run may change. Every other key of the config must be as the checkpoint recorded it, so a flag
+# added later is protected without being listed here; one that changes the math of the remaining steps, the data
+# order or the model must never be listed.
+MAY_CHANGE_ON_RESUME = (
+    "resume", "max_steps", "out_dir",  # the first run has no --resume; how long it runs; a run folder may be moved
+    # how a step is computed, not what: the same samples and means (to float rounding, like another number of
+    # processes), the same weights kept in memory another way, how long ranks wait for each other
+    "micro_batch", "shard", "grad_checkpointing", "dist_timeout",
+    # where the cache is kept (a new one is encoded the same); --strict only stops at an unreadable image while the
+    # cache is built, and a run that got to a checkpoint had none to stop at
+    "cache_dir", "strict",
+    "log_every", "save_every", "keep_checkpoints", "lora_dtype",  # what is logged and saved, how often; the export's dtype
+    "val_every", "val_prompts", "val_seeds", "val_steps",  # validation grids: fixed seeds, generators of their own
+)
+
+
+def resume_conflicts(saved, config, defaults, may_change=MAY_CHANGE_ON_RESUME):
+    """What stops a resume: each key of this run's `config` or of the checkpoint's `saved` config that is not in
+    `may_change` and differs, as "--key (saved value there, value now)".
+
+    A checkpoint written before a flag existed has no value for it: it ran as the flag's default does (a new flag's
+    default keeps the old behaviour), so the key is fine at its default (`defaults`: key -> default) and stops
+    otherwise. A key only the checkpoint has (a flag since removed) stops: what the code does in its place is not
+    known here."""
+    changed = []
+    for k in [*config, *(k for k in saved if k not in config)]:
+        if k in may_change:
+            continue
+        if k not in saved:
+            if config[k] != defaults.get(k):
+                changed.append(f"--{k} (not recorded there: written before the flag, as its default "
+                               f"{defaults.get(k)}; {config[k]} now)")
+        elif k not in config:
+            changed.append(f"--{k} ({saved[k]} there, no such flag now)")
+        elif saved[k] != config[k]:
+            changed.append(f"--{k} ({saved[k]} there, {config[k]} now)")
+    return changed
+
+
+def resume(out_dir, optimizer, config, defaults, say=print):
     """Restore the optimizer and RNG state of the newest good checkpoint; returns (step, model tensors), the
     tensors for model.load_trainable_state, or (0, None) when there is nothing to resume from.
 
-    Refuses (one line) a checkpoint trained with other values of `resume_keys`, and a run whose
-    checkpoints are all damaged."""
+    Refuses (one line) a checkpoint whose config differs from this run's in a key not in MAY_CHANGE_ON_RESUME
+    (resume_conflicts; `defaults`: each key's default, for a checkpoint written before a flag existed), and a run
+    whose checkpoints are all damaged."""
     from safetensors.torch import load_file
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root) or not any(d.startswith("step_") and ".tmp" not in d for d in os.listdir(root)):
@@ -98,10 +138,10 @@ def resume(out_dir, optimizer, config, resume_keys, say=print):
         fail(f"cannot resume {out_dir}: every checkpoint in {root} is damaged; start again without --resume")
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
-    changed = [k for k in resume_keys if state["config"].get(k) != config.get(k)]
+    changed = resume_conflicts(state["config"], config, defaults)
     if changed:
-        fail(f"cannot resume {folder}: it was trained with other " + ", ".join(
-            f"--{k} ({state['config'].get(k)} there, {config.get(k)} now)" for k in changed))
+        fail(f"cannot resume {folder}: it was trained with other " + ", ".join(changed) +
+             "; resume with its values, or start another --out_dir")
     load_optimizer_state(optimizer, {"state": optimizer_state(folder, state), "param_groups": state["param_groups"]})
     torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
     if "cuda" in state["rng"] and torch.cuda.is_available():

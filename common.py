@@ -254,7 +254,7 @@ def base_parser(description):
     a("--out_dir", required=True, help="where checkpoints, logs, validation grids and the final weights go")
     a("--max_steps", type=int, help="optimizer steps to train for")
     a("--lora_rank", type=int, default=0, help="0: fine-tune the whole UNet; R>0: train rank-R LoRA adapters (peft)")
-    a("--resume", action="store_true", help="continue from out_dir's newest good checkpoint (same flags required)")
+    a("--resume", action="store_true", help="continue from out_dir's newest good checkpoint; every flag as it was, except max_steps, paths, micro_batch, logging, saving and validation (checkpoints.MAY_CHANGE_ON_RESUME)")
     a("--global_batch", type=int, help="samples per optimizer step over all processes; accumulation is derived")
     a("--micro_batch", type=int, default=1, help="samples per process per forward pass")
     a("--lr", type=float, help="peak learning rate (linear warm-up, then constant)")

@@ -115,8 +115,10 @@ def kto_reference_point(reward, reduce_sum=None):
       batch sizes still get the true global mean. Keeping the collective outside this file keeps
       it free of process-group code.
     """
+    # the count is filled on the device: torch.tensor(n, device=...) would copy it from the host, and that copy
+    # waits for everything queued on the GPU before it (a host sync in the hot loop)
     stats = torch.stack([reward.detach().float().sum(),
-                         torch.tensor(float(reward.numel()), device=reward.device)])  # (2,) sum, count
+                         torch.full((), float(reward.numel()), device=reward.device)])  # (2,) sum, count
     if reduce_sum is not None:
         stats = reduce_sum(stats)
     return (stats[0] / stats[1]).clamp(min=0.0)  # KL >= 0, so the estimate is clamped at 0
@@ -152,7 +154,10 @@ def kto_loss(policy_err, ref_err, label, z_ref, beta=5000.0, utility="sigmoid", 
     else:
         loss = (-weight * utility_value).mean()
 
-    def of_class(x, mask):  # (B,): x where the sample is of the class, NaN elsewhere (no host sync)
+    # per-class values as (B,) tensors, NaN for the samples of the other class; the log's mean over a step's images
+    # skips the NaN (common.Meter: masked sums and counts on the device). Not x[mask].mean(): a boolean index has a
+    # size only the GPU knows, so the host would wait for it (and `if mask.any()` too), a sync every micro-step.
+    def of_class(x, mask):
         return torch.where(mask, x, torch.full_like(x, float("nan")))
 
     metrics = {  # per image, (B,), except the reference point

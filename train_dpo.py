@@ -34,10 +34,6 @@ parser = common.base_parser(__doc__.split("\n\n")[0])
 parser.add_argument("--loss", choices=["dpo", "sft"], default="dpo", help="dpo: Diffusion-DPO; sft: denoising loss on the preferred images only")
 parser.add_argument("--init_from", default="", help="a trainer checkpoint folder (out_dir/checkpoints/step_N) the policy starts from; the reference stays --pretrained")
 parser.set_defaults(max_steps=2000, global_batch=2048, lr=2.048e-5, warmup_steps=500, weight_decay=1e-2, prompt_dropout=0.2)
-# these must match for --resume to continue the same run (max_steps and the intervals may change)
-RESUME_KEYS = ["pretrained", "init_from", "data", "loss", "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay",
-               "beta", "resolution", "random_flip", "prompt_dropout", "seed", "grad_clip", "optimizer", "vae",
-               "latent_cache", "precision"]
 
 
 def main(argv=None):
@@ -89,7 +85,9 @@ def main(argv=None):
     start_step = 0
     if args.resume:
         common.barrier()
-        start_step, weights = checkpoints.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
+        # every flag must match but those checkpoints.MAY_CHANGE_ON_RESUME lists; one an older checkpoint lacks, its default
+        defaults = {k: parser.get_default(k) for k in config}
+        start_step, weights = checkpoints.resume(args.out_dir, optimizer, config, defaults, ctx.say)
         if weights is not None:
             load_trainable_state(unet, args.lora_rank > 0, weights, args.out_dir)
     if start_step >= args.max_steps:

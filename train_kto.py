@@ -48,9 +48,6 @@ a("--continue_from", default="", help="a trainer checkpoint this run continues (
   "warm-up); data, seed and --max_steps are this run's own, the reference stays --pretrained")
 parser.set_defaults(max_steps=10000, global_batch=8, micro_batch=2, lr=1e-7, warmup_steps=1000, weight_decay=0.0,
                     prompt_dropout=0.0)
-RESUME_KEYS = ["pretrained", "init_from", "continue_from", "data", "utility", "ref_point", "desirable_share", "lambda_d", "lambda_u", "pickapic_policy",
-               "lora_rank", "global_batch", "lr", "warmup_steps", "weight_decay", "beta", "resolution", "random_flip",
-               "prompt_dropout", "seed", "grad_clip", "optimizer", "vae", "latent_cache", "precision"]
 
 
 def draw_image(g, desirable, undesirable, gamma):
@@ -124,7 +121,10 @@ def main(argv=None):
     start_step = 0
     if args.resume:
         common.barrier()
-        start_step, weights = checkpoints.resume(args.out_dir, optimizer, config, RESUME_KEYS, ctx.say)
+        # every flag must match but those checkpoints.MAY_CHANGE_ON_RESUME lists; one an older checkpoint lacks, its
+        # default (before --continue_from, every run's schedule started at step 0)
+        defaults = {**{k: parser.get_default(k) for k in config}, "schedule_start": 0}
+        start_step, weights = checkpoints.resume(args.out_dir, optimizer, config, defaults, ctx.say)
         if weights is not None:
             load_trainable_state(unet, args.lora_rank > 0, weights, args.out_dir)
     if start_step >= args.max_steps:

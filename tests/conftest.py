@@ -26,6 +26,36 @@ def torchrun(script, *args, nproc=2, twin=True):
             *map(str, args)]
 
 
+# a child process that SIGKILLs itself at one file-system call: an audit hook (PEP 578) sees every open, mkdir and
+# rename Python makes, whatever module makes it and however that module was imported, and a SIGKILL runs no
+# `finally` or `except`, so the disk is left as a real kill leaves it
+KILL_AT = """
+import os, runpy, signal, sys
+event, parts, script = sys.argv[1], sys.argv[2].split("|"), sys.argv[3]
+def hook(name, args):
+    if name == event and args and all(p in str(args[0]) for p in parts):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv = sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_killed_at(script, args, event, *parts):
+    """Run `python script ARGS` in a child process until its first audit `event` ("open", "os.mkdir", "os.rename";
+    https://docs.python.org/3/library/audit_events.html) whose path contains every one of `parts`, where it SIGKILLs
+    itself; the test fails if it ended any other way. The child uses this process's thread count: what it computed
+    before the kill is bitwise what this process computes."""
+    import signal
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", KILL_AT, event, "|".join(parts), os.path.join(ROOT, script),
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (f"{script} was not killed at {event} {parts} (exit {proc.returncode}):\n"
+                                                f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A random-weight tiny StableDiffusionPipeline (32 px images, 8x8x4 latents) saved to a folder."""

@@ -79,6 +79,41 @@ def test_kto_matches_hand_computation(utility):
     assert m["desirable_share"].tolist() == [1.0, 0.0, 0.0] and m["ref_point"].item() == pytest.approx(0.005)
 
 
+@pytest.mark.parametrize("classes", ["both", "only desirable", "only undesirable"])
+def test_kto_class_metrics_without_boolean_indexing_equal_the_masked_means(classes):
+    """kto_loss's per-class metrics are (B,) with NaN off the class, so that nothing in it waits for the GPU (no
+    x[mask], no mask.any()); the means a log reports of them (common.Meter) are the straightforward formula's, NaN
+    where it was NaN (a class absent from the batch)."""
+    from common import Meter
+    g = torch.Generator().manual_seed(len(classes))
+    policy, ref = torch.rand(16, generator=g), torch.rand(16, generator=g)
+    label = {"both": torch.where(torch.arange(16) % 3 == 0, -1.0, 1.0), "only desirable": torch.ones(16),
+             "only undesirable": -torch.ones(16)}[classes]
+    reward = ref - policy
+    z_ref = kto_reference_point(reward)
+    assert z_ref.item() == max(0.0, reward.mean().item())
+    loss, m = kto_loss(policy, ref, label, z_ref, beta=20.0)
+    meter = Meter()
+    meter.add(m)
+    logged = meter.reduce()
+
+    def class_mean(x, mask):  # the formula before: a boolean index and a test of the mask on the host
+        return x[mask].mean().item() if mask.any() else float("nan")
+    d, u = label > 0, label < 0
+    expected = {"reward_d": class_mean(reward, d), "reward_u": class_mean(reward, u),
+                "policy_err_d": class_mean(policy, d), "policy_err_u": class_mean(policy, u),
+                "ref_err_d": class_mean(ref, d), "ref_err_u": class_mean(ref, u),
+                "reward_acc": (label * 20.0 * (reward - z_ref) > 0).float().mean().item(),
+                "desirable_share": d.float().mean().item(), "ref_point": z_ref.item()}
+    assert set(expected) == set(m)
+    for k, want in expected.items():
+        assert math.isnan(logged[k]) == math.isnan(want), k
+        if not math.isnan(want):
+            assert logged[k] == pytest.approx(want, rel=1e-6, abs=1e-7), k
+    assert math.isnan(expected["reward_d"]) == (classes == "only undesirable")  # the case the NaN is for
+    assert math.isnan(expected["reward_u"]) == (classes == "only desirable")
+
+
 @pytest.mark.parametrize("utility", sorted(UTILITIES))
 def test_kto_gradient_signs(utility):
     # desirable: descending the loss lowers the policy error; undesirable: raises it

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dpo
-from conftest import ROOT, torchrun, write_hpdv2, write_pickapic
+from conftest import ROOT, run_killed_at, torchrun, write_hpdv2, write_pickapic
 
 
 def args_for(pipe, data, out, cache, *extra):
@@ -158,36 +158,47 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_pipe_dir, pickapic,
     assert open(out / "checkpoints" / "latest").read() == "step_0000002"
 
 
-def test_killed_during_save_leaves_the_previous_checkpoint(tiny_pipe_dir, pickapic, tmp_path, monkeypatch):
-    """A save that dies half-way (simulated) leaves `latest` on a complete checkpoint; resume works."""
-    import safetensors.torch
+def test_killed_during_save_leaves_the_previous_checkpoint(tiny_pipe_dir, pickapic, tmp_path):
+    """A SIGKILL half-way through a save (its weight files written, its state.json not yet) leaves `latest` on the
+    complete checkpoint before it and the half-written one under its temporary name only; --resume clears that and
+    ends where a run that never stopped ends."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     ref_out = tmp_path / "ref"
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, ref_out, cache, "--max_steps", "3"))
-    real_save, saves = safetensors.torch.save_file, []
-
-    def dying_save(tensors, path, *a, **k):
-        saves.append(path)
-        if "step_0000002" in path and path.endswith("optimizer.safetensors"):
-            real_save(dict(list(tensors.items())[:1]), path)  # a partial file, then the process "dies"
-            raise KeyboardInterrupt("killed")
-        return real_save(tensors, path, *a, **k)
-    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "3"))
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    assert open(out / "checkpoints" / "latest").read() == "step_0000001"
+    run_killed_at("train_dpo.py", args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "3"),
+                  "open", "step_0000002.tmp", "state.json")
+    root = out / "checkpoints"
+    assert open(root / "latest").read() == "step_0000001"
+    [partial] = [d for d in os.listdir(root) if d.startswith("step_0000002")]
+    assert ".tmp" in partial and sorted(os.listdir(root / partial)) == ["model.safetensors", "optimizer.safetensors"]
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, cache, "--max_steps", "3", "--resume"))
-    assert not any(d.startswith(".tmp") for d in os.listdir(out / "checkpoints"))
+    assert not any(".tmp" in d for d in os.listdir(root))
     a, b = unet_weights(str(ref_out)), unet_weights(str(out))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on the CPU
 
 
-def test_resume_refuses_other_flags(tiny_pipe_dir, pickapic, tmp_path):
+def test_resume_refuses_other_flags(tiny_pipe_dir, pickapic, tmp_path, monkeypatch):
+    """--resume takes another --max_steps, intervals and micro-batch; any other flag that differs, one that did not
+    exist when the checkpoint was written included, stops with one line naming it and both values."""
+    import copy
     out = tmp_path / "out"
     train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "1"))
     with pytest.raises(SystemExit, match="--beta"):
         train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "2", "--resume", "--beta", "100"))
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "2", "--resume",
+                            "--micro_batch", "1", "--log_every", "2", "--save_every", "2", "--keep_checkpoints", "3"))
+    assert [r["step"] for r in records(out)] == [1, 2]
+    # a flag someone adds to the trainer later, named in no list: the older checkpoint resumes at its default ...
+    parser = copy.deepcopy(train_dpo.parser)
+    parser.add_argument("--a_new_flag", type=int, default=0)
+    monkeypatch.setattr(train_dpo, "parser", parser)
+    train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "3", "--resume"))
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
+    # ... and it is protected from then on
+    with pytest.raises(SystemExit) as stop:
+        train_dpo.main(args_for(tiny_pipe_dir, pickapic, out, tmp_path / "cache", "--max_steps", "4", "--resume",
+                                "--a_new_flag", "1"))
+    assert "\n" not in str(stop.value) and "other --a_new_flag (0 there, 1 now)" in str(stop.value)
 
 
 def launch(args, nproc=1, **kw):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import common
 import train_kto
-from conftest import COLORS, ROOT, torchrun, write_hpdv2
+from conftest import COLORS, ROOT, run_killed_at, torchrun, write_hpdv2
 from losses import add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 
 
@@ -167,22 +167,22 @@ def test_clear_errors(tiny_pipe_dir, likes, tmp_path):
                                 "--ref_point", "mismatched", "--global_batch", "1", "--micro_batch", "1"))
 
 
-def test_killed_during_save_then_resume_equals_uninterrupted(tiny_pipe_dir, likes, tmp_path, monkeypatch):
-    import safetensors.torch
+def test_killed_during_save_then_resume_equals_uninterrupted(tiny_pipe_dir, likes, tmp_path, capsys):
+    """A SIGKILL at the last moment of a save (the checkpoint whole and on disk, its folder not yet renamed): resume
+    takes the one before it, never the unnamed one, and ends where a run that never stopped ends."""
     cache = tmp_path / "cache"
     train_kto.main(args_for(tiny_pipe_dir, likes, tmp_path / "ref", cache, "--max_steps", "3", "--lora_rank", "4"))
-    real_save = safetensors.torch.save_file
-
-    def dying_save(tensors, path, *a, **k):
-        if "step_0000002" in path and path.endswith("model.safetensors"):
-            raise KeyboardInterrupt("killed while saving")
-        return real_save(tensors, path, *a, **k)
-    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        train_kto.main(args_for(tiny_pipe_dir, likes, out, cache, "--max_steps", "3", "--lora_rank", "4"))
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    run_killed_at("train_kto.py", args_for(tiny_pipe_dir, likes, out, cache, "--max_steps", "3", "--lora_rank", "4"),
+                  "os.rename", "step_0000002.tmp")
+    root = out / "checkpoints"
+    assert open(root / "latest").read() == "step_0000001"
+    [unnamed] = [d for d in os.listdir(root) if d.startswith("step_0000002")]
+    assert ".tmp" in unnamed and "state.json" in os.listdir(root / unnamed)
+    capsys.readouterr()
     train_kto.main(args_for(tiny_pipe_dir, likes, out, cache, "--max_steps", "3", "--lora_rank", "4", "--resume"))
+    assert f"resumed from {root / 'step_0000001'} (step 1)" in capsys.readouterr().out
+    assert not any(".tmp" in d for d in os.listdir(root))
     a = load_file(str(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on the CPU
