@@ -6,7 +6,8 @@ that sample), so that a log can average them over all the images of a step, howe
 across processes and micro-batches; nothing here knows about models, data or processes.
 
 Notation (the papers'): x0 an image latent, c a prompt embedding, t ~ U{0..T-1}, eps ~ N(0, I),
-x_t = add_noise(x0, eps, t). The per-sample denoising error of a model m is
+x_t = add_noise(x0, eps, t) (for flow models, SD3 and FLUX: x_sigma and a velocity target, below). The per-sample
+denoising error of a model m is
 
     e_m(x0, c) = mean over C,H,W of (m(x_t, t, c) - target)^2            (B,)
 
@@ -39,6 +40,54 @@ def diffusion_target(scheduler, x0, noise, t):
 def add_noise_and_target(scheduler, x0, noise, t):
     """x_t = add_noise(x0, eps, t) and what the model must predict from it. (B,4,h,w) each."""
     return scheduler.add_noise(x0, noise, t), diffusion_target(scheduler, x0, noise, t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Flow matching (SD3 / SD3.5, FLUX): another noising, another target; the objectives below are unchanged
+#
+# A flow model does not predict the noise of x_t; it predicts the velocity along a straight path from the image
+# to the noise (rectified flow; SD3, Esser et al. 2024, arXiv 2403.03206, section 2):
+#
+#     x_sigma = (1 - sigma) * x0 + sigma * eps,   sigma in [0, 1]     (sigma = 0: the image, 1: pure noise)
+#     v       = d x_sigma / d sigma = eps - x0                         (the target: the same for every sigma)
+#
+# and its per-sample error e = mean (v_theta(x_sigma, sigma, c) - v)^2 takes the place of the noise error. Flow-DPO
+# (Liu et al. 2025, arXiv 2501.13918) is Diffusion-DPO on exactly this error, and KTO and SFT carry over the same way:
+# dpo_loss, kto_loss and sft_loss take per-sample errors and never ask which kind they are.
+# sigma is drawn per sample instead of t ~ U{0..T-1}: u from a density on (0, 1) (SD3's logit-normal by default,
+# as diffusers' SD3 and FLUX trainers do), then shifted towards noise (flow_sigma). The transformers take
+# 1000 * sigma as their timestep input.
+
+FLOW_SCHEMES = ("logit_normal", "mode", "uniform")
+
+
+def flow_draw_u(generator, scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    """One draw u in (0, 1) from a per-sample CPU generator (SD3, section 3.1; diffusers'
+    compute_density_for_timestep_sampling, drawing exactly what it draws for batch size 1 and this generator):
+    logit_normal: u = sigmoid(n), n ~ N(mean, std), most mass in the middle, where the velocity is hardest to guess;
+    mode: u = 1 - w - s (cos^2(pi w / 2) - 1 + w), w ~ U(0, 1), a heavier middle (s = mode_scale);
+    uniform: u ~ U(0, 1)."""
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.normal(logit_mean, logit_std, size=(1,), generator=generator))[0]
+    w = torch.rand(1, generator=generator)[0]
+    if scheme == "mode":
+        return 1 - w - mode_scale * (torch.cos(torch.pi * w / 2) ** 2 - 1 + w)
+    if scheme == "uniform":
+        return w
+    raise ValueError(f"unknown timestep scheme {scheme!r} (expected one of {', '.join(FLOW_SCHEMES)})")
+
+
+def flow_sigma(u, shift=1.0):
+    """The noise level of a draw u, shifted towards noise: sigma = shift u / (1 + (shift - 1) u) (SD3, eq. 23).
+    A larger image keeps more of its signal at a given sigma, so it needs more of its training at high noise:
+    SD3 uses shift 3.0 (its scheduler config's `shift`); FLUX computes its shift from the image size. shift 1: none."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_noise_and_target(x0, noise, sigma):
+    """x_sigma and the velocity target. x0, noise: (B,C,h,w); sigma: (B,) in [0, 1]."""
+    s = sigma.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # (B,1,1,1)
+    return (1 - s) * x0 + s * noise, noise - x0
 
 
 def per_sample_error(pred, target):

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from losses import UTILITIES, dpo_loss, kto_loss, kto_reference_point, per_sample_error, sft_loss
+from losses import (UTILITIES, dpo_loss, flow_draw_u, flow_noise_and_target, flow_sigma, kto_loss, kto_reference_point,
+                    per_sample_error, sft_loss)
 
 
 def test_dpo_is_log2_when_policy_equals_reference():
@@ -147,3 +148,43 @@ def test_one_dpo_step_moves_a_real_unet(tiny_pipe_dir):
     opt.step()
     after = errors(unet).detach()
     assert after[0] < before[0] and after[1] > before[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# flow matching: the noising, the velocity target and the sigma draw, against diffusers' SD3/FLUX training code
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform"])
+def test_flow_draw_is_what_diffusers_training_draws(scheme):
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    for seed in range(20):
+        ours = flow_draw_u(torch.Generator().manual_seed(seed), scheme, logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
+        theirs = compute_density_for_timestep_sampling(scheme if scheme != "uniform" else "none", 1, logit_mean=0.3,
+                                                       logit_std=1.2, mode_scale=1.29,
+                                                       generator=torch.Generator().manual_seed(seed))[0]
+        assert ours == theirs and 0 <= float(ours) <= 1
+    with pytest.raises(ValueError, match="unknown timestep scheme"):
+        flow_draw_u(torch.Generator(), "cosine")
+
+
+def test_flow_sigma_shift_is_the_schedulers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's config
+    unshifted = torch.linspace(1, 1000, 1000).flip(0) / 1000  # the scheduler's training sigmas before its shift
+    assert torch.allclose(flow_sigma(unshifted, 3.0), scheduler.sigmas[:1000], atol=1e-6)
+    u = torch.rand(100)
+    assert torch.equal(flow_sigma(u, 1.0), u) and bool((flow_sigma(u, 3.0) >= u).all())  # shift > 1: more noise
+
+
+def test_flow_noising_and_velocity_target():
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    sigma = torch.tensor([0.0, 0.5, 1.0])
+    x, v = flow_noise_and_target(x0, noise, sigma)
+    assert torch.equal(x[0], x0[0]) and torch.equal(x[2], noise[2])  # sigma 0: the image; 1: the noise
+    assert torch.allclose(x[1], (x0[1] + noise[1]) / 2)
+    h = 1e-3  # v is d x_sigma / d sigma
+    x_h, _ = flow_noise_and_target(x0, noise, sigma + h)
+    assert torch.allclose((x_h - x) / h, v, atol=1e-3)
+    # the objectives take velocity errors as they are: policy = reference gives DPO log 2 and KTO rewards 0
+    err = per_sample_error(v + 0.1 * torch.randn_like(v), v)
+    loss, _ = dpo_loss(torch.cat([err, err.flip(0)]), torch.cat([err, err.flip(0)]))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
