@@ -1,4 +1,4 @@
-"""common.py: atomic writes, the JSONL reader, gradient clipping.
+"""files.py (atomic writes, the JSONL reader) and common.py (gradient clipping).
 
     python -m pytest -q tests/test_common.py
 """
