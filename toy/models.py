@@ -86,6 +86,50 @@ def build_sdxl_pipeline(out_dir, seed=0, words=VOCAB, res=32):
     return pipe
 
 
+def write_t5_tokenizer(path, words=VOCAB):
+    """A T5 (Unigram) tokenizer whose pieces are `words` (each with T5's word-start mark) and single characters,
+    written to `path`: what SD3's and FLUX's third text encoder reads, made here instead of downloaded."""
+    from transformers import T5Tokenizer
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in sorted(set(words))] \
+        + [("\u2581", -2.0)] + [(c, -3.0) for c in chars]  # whole words first, spelled out only when unknown
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tok.save_pretrained(path)
+    return tok
+
+
+def build_sd3_pipeline(out_dir, seed=0, words=VOCAB, res=32):
+    """A random-weight tiny StableDiffusion3Pipeline, saved to `out_dir`: SD3's layout and conditioning in
+    miniature (two CLIP text encoders with projections and a T5 encoder, a joint-attention transformer on 2x2
+    patches, a VAE with SD3's scaling and shift factors, the flow-matching scheduler with SD3's shift 3.0)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tok = write_tokenizer(os.path.join(out_dir, "tokenizer"), words)
+    tok_2 = write_tokenizer(os.path.join(out_dir, "tokenizer_2"), words)
+    tok_3 = write_t5_tokenizer(os.path.join(out_dir, "tokenizer_3"), words)
+    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, projection_dim=16)
+    text_encoder, text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                             num_heads=2, pad_token_id=tok_3.pad_token_id,
+                                             eos_token_id=tok_3.eos_token_id, decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(  # joint_attention_dim: the width of CLIP-L + CLIP-G (= T5's, padded)
+        sample_size=res // 2, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=res // 2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, layers_per_block=1, sample_size=res, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)  # SD3's factors
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=text_encoder, tokenizer=tok, text_encoder_2=text_encoder_2,
+                                    tokenizer_2=tok_2, text_encoder_3=text_encoder_3, tokenizer_3=tok_3)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return pipe
+
+
 def build_pipeline(out_dir, size="tiny", seed=0, words=VOCAB):
     """Build a random-weight StableDiffusionPipeline of the named size and save it to `out_dir`."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
