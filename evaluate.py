@@ -193,19 +193,12 @@ def main(argv=None):
     # --- generate what is not on disk yet, always in the same batches (prompt-major, --batch_size each), so
     # that an image regenerated after an interruption is the image an uninterrupted run makes
     jobs = [(i, s) for i in range(P) for s in seeds]
-    for name in names:
-        loaded = {}  # the model's pipeline, loaded for its first batch to make
-
-        def pipe_for():
-            if not loaded:
-                loaded["pipe"] = load_pipeline(args.pretrained, models[name] if name != "base" else None, scheduler,
-                                               device, dtype)
-            return loaded["pipe"]
-        made = generate_missing(pipe_for, [(prompts[i], s) for i, s in jobs], lambda k: image_path(name, *jobs[k]),
+    for name in names:  # one pipeline in memory at a time: generate_missing drops it when it returns
+        load = lambda: load_pipeline(args.pretrained, models[name] if name != "base" else None, scheduler, device, dtype)
+        made = generate_missing(load, [(prompts[i], s) for i, s in jobs], lambda k: image_path(name, *jobs[k]),
                                 args.batch_size, args.steps, args.guidance, args.resolution, autocast,
                                 f"generate {name}")
         print(f"{name}: {made} images made, {P * N - made} already on disk")
-        loaded.clear()  # freed before the next model loads: one pipeline in memory at a time
 
     # --- score: every model's images in the same batches, so identical images get identical scores
     jobs = [(i, j) for i in range(P) for j in range(N)]

@@ -78,7 +78,7 @@ class Labels:
             if re.fullmatch(rf"({re.escape(METADATA)}|{re.escape(PAIRS)}|{re.escape(JOURNAL)})\.tmp\d+", name):
                 os.remove(os.path.join(self.root, name))
         try:
-            self.decisions = self.replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
+            self.decisions = replay(read_jsonl(journal)) if os.path.exists(journal) else self.carry_over()
             write_lines(journal, [json.dumps(d) for d in self.decisions])  # compacted: undone decisions dropped
             self.reindex()
             self.write_outputs()
@@ -126,9 +126,6 @@ class Labels:
                 files.append(rel)
                 captions[rel] = caption
         return sorted(files), captions
-
-    def replay(self, records):
-        return replay(records)
 
     def carry_over(self):
         """First run in this folder: keep the labels the folder already has, and the files that held them."""
@@ -565,8 +562,9 @@ def main(argv=None):
     print(f"{state['total']} {'pairs' if args.pairs else 'images'} in {labels.root} ({state['done']} done; skipped "
           f"{labels.skip_line()}; read in {time.time() - t0:.2f} s)", flush=True)
     print(f"open {server.url} (Ctrl+C to stop; every decision is saved the moment you make it)", flush=True)
-    if args.host in ("0.0.0.0", "") and lan_address():  # the printed address works on this machine only
-        print(f"from another machine on your network: {server.url.replace('127.0.0.1', lan_address(), 1)}", flush=True)
+    lan = lan_address() if args.host in ("0.0.0.0", "") else None  # the printed address works on this machine only
+    if lan:
+        print(f"from another machine on your network: {server.url.replace('127.0.0.1', lan, 1)}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

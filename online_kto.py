@@ -52,7 +52,7 @@ from files import atomic_path, fail, one_line, read_jsonl, write_json
 from label import decisions_in
 from sample import generate, generate_missing, load_prompts
 from model import load_pipeline, load_scheduler
-from scorers import SCORER_FLAGS, add_scorer_args, load_scorers, scorer_name
+from scorers import add_scorer_args, load_scorers, scorer_name
 
 EVAL_SEED = 10 ** 8  # evaluation seeds EVAL_SEED + 0..E-1: the same for every run, apart from the training samples'
 SEEDS_PER_RUN = 10 ** 5  # training samples of run seed S, round r: S * SEEDS_PER_RUN + (r - 1) * K + 0..K-1
@@ -62,7 +62,7 @@ TRAINER_HELP = {"warmup_steps": "steps of linear learning-rate warm-up, once for
                 "resolution": "the image side of sampling and of training; default: the base model's native size"}
 
 
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--pretrained", required=True, help="the base model (diffusers folder or hub id): round 1's sampler and every round's reference")
@@ -92,7 +92,11 @@ def get_args(argv=None):
     a("--precision", choices=common.PRECISIONS, default="auto",
       help="sampling: fp32 weights under bf16 autocast with bf16 (auto: bf16 on CUDA, fp32 on the CPU); passed to train_kto.py")
     add_scorer_args(p)  # where a named --judge or --fidelity scorer loads from (evaluate.py's flags)
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 # -----------------------------------------------------------------------------
@@ -290,14 +294,14 @@ def main(argv=None):
     if os.path.exists(run_path):
         with open(run_path) as f:
             old = json.load(f)
-        # a run from before online_kto.py took --precision and the scorer flags used their defaults
-        added_later = dict({k: default for k, (default, _) in SCORER_FLAGS.items()}, precision="auto")
-        changed = [k for k in run if old.get(k, added_later.get(k)) != run[k]]
-        if "schedule" in changed:
+        if old.get("schedule") != run["schedule"]:
             fail(f"{args.out} was made by an older online_kto.py, which restarted the optimizer and the warm-up in every "
                  f"round: use another --out")
+        # the trainers' resume rule: every setting must match; one a run predates (a flag added since) at its default
+        parser = make_parser()
+        changed = checkpoints.resume_conflicts(old, run, {k: parser.get_default(k) for k in run}, may_change=())
         if changed:
-            fail(f"{args.out} was made with other {', '.join('--' + k for k in changed)}: use another --out, or the same flags")
+            fail(f"{args.out} was made with other settings: {'; '.join(changed)}: use another --out, or the same flags")
     write_json(run, run_path, indent=1)
     print(f"{'offline' if args.offline else 'online'} Diffusion-KTO: {args.rounds} rounds x {len(prompts)} prompts x "
           f"{args.k} images, {args.steps} steps a round; judge {args.judge}, fidelity {args.fidelity or 'none'}; "

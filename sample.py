@@ -30,7 +30,7 @@ def generate_batch(pipe, batch, steps=50, guidance=7.5, resolution=None):
     seed (diffusers draws each image's latent from its own generator). The rest of sampling is batched
     math, whose rounding may depend on the batch (measured on one CPU: a regenerated image differed from
     the original in a few pixel values when made in a smaller batch). Callers that must reproduce an image
-    exactly therefore make it again in the same batch: see main()'s fixed batches.
+    exactly therefore make it again in the same batch: see generate_missing's fixed batches.
     """
     size = dict(height=resolution, width=resolution) if resolution else {}
     pipe.set_progress_bar_config(disable=True)  # the callers' bars count batches
@@ -47,19 +47,20 @@ def generate(pipe, prompts, seeds, steps=50, guidance=7.5, resolution=None, batc
     return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
 
 
-def generate_missing(pipe_for, jobs, path_of, batch_size, steps, guidance, resolution, autocast, desc,
+def generate_missing(load_pipe, jobs, path_of, batch_size, steps, guidance, resolution, autocast, desc,
                      pnginfo_of=None, before_save=None):
     """Make every image of `jobs` (a list of (prompt, seed)) that is not on disk at path_of(k), k its place in the
     list. Always in the same batches (the list cut every batch_size jobs), and a batch is made whole if any of its
     images is missing, so an image made after an interruption is the image an uninterrupted run makes; only the
-    missing files are written, each renamed once whole. pipe_for(): the pipeline, called only if there is work.
+    missing files are written, each renamed once whole. load_pipe(): the pipeline, called once, for the first batch
+    to make (never when every image is on disk).
     pnginfo_of(k, image): text chunks for image k; before_save(k): what must be on disk before image k is (a caption).
     Returns how many images were written."""
     batches = [range(k, min(k + batch_size, len(jobs))) for k in range(0, len(jobs), batch_size)]
     todo = [b for b in batches if not all(os.path.exists(path_of(k)) for k in b)]
-    made = 0
+    made, pipe = 0, None
     for batch in tqdm(todo, desc=desc, disable=not todo):  # saved batch by batch: a killed run loses one batch
-        pipe = pipe_for()
+        pipe = pipe or load_pipe()
         with autocast():
             images = generate_batch(pipe, [jobs[k] for k in batch], steps, guidance, resolution)
         for k, image in zip(batch, images):
@@ -246,18 +247,12 @@ def generate_folder(folder, model, prompts, n, pretrained=None, steps=30, guidan
           f"{len(jobs) - missing} already in {folder}", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = autocast_for(device, resolve_precision(precision, device.type == "cuda"))
-    loaded = {}
-
-    def pipe_for():  # loaded only if there is something to make
-        if not loaded:
-            loaded["pipe"] = load_pipeline(base, model if kind else None, load_scheduler(base), device, torch.float32)
-        return loaded["pipe"]
-
     def info(k, image):
         i, s = jobs[k]
         chunk = PngInfo()
         chunk.add_text("parameters", f"{prompts[i]}\nSteps: {steps}, CFG scale: {guidance}, Seed: {s}, "
                                      f"Size: {image.width}x{image.height}, Model: {tag}")
         return chunk
-    generate_missing(pipe_for, [(prompts[i], s) for i, s in jobs], path, batch_size, steps, guidance, resolution,
+    generate_missing(lambda: load_pipeline(base, model if kind else None, load_scheduler(base), device, torch.float32),
+                     [(prompts[i], s) for i, s in jobs], path, batch_size, steps, guidance, resolution,
                      autocast, "generate", pnginfo_of=info)

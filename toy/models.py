@@ -56,12 +56,20 @@ def write_tokenizer(path, words=VOCAB):
     return tok
 
 
+def tiny_clip_config(tok):
+    """A two-layer CLIP text encoder's config, 16 wide (projection 16 too), for the tokenizer `tok`."""
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=16)
+
+
 def build_sdxl_pipeline(out_dir, seed=0, words=VOCAB, res=32):
     """A random-weight tiny StableDiffusionXLPipeline, saved to `out_dir`: SDXL's layout and conditioning in
     miniature (two CLIP text encoders, the second with a projection; a UNet with addition_embed_type
     "text_time" taking the pooled embedding and six time ids), as diffusers' own SDXL tests build it."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=res // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
@@ -70,10 +78,7 @@ def build_sdxl_pipeline(out_dir, seed=0, words=VOCAB, res=32):
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
     tok = write_tokenizer(os.path.join(out_dir, "tokenizer"), words)
     tok_2 = write_tokenizer(os.path.join(out_dir, "tokenizer_2"), words)
-    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-               max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id, projection_dim=16)
-    text_encoder, text_encoder_2 = CLIPTextModel(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    text_encoder, text_encoder_2 = CLIPTextModel(tiny_clip_config(tok)), CLIPTextModelWithProjection(tiny_clip_config(tok))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, layers_per_block=1, sample_size=res, scaling_factor=0.13025, force_upcast=True)
@@ -103,21 +108,21 @@ def build_sd3_pipeline(out_dir, seed=0, words=VOCAB, res=32):
     miniature (two CLIP text encoders with projections and a T5 encoder, a joint-attention transformer on 2x2
     patches, a VAE with SD3's scaling and shift factors, the flow-matching scheduler with SD3's shift 3.0)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
     torch.manual_seed(seed)
     tok = write_tokenizer(os.path.join(out_dir, "tokenizer"), words)
     tok_2 = write_tokenizer(os.path.join(out_dir, "tokenizer_2"), words)
     tok_3 = write_t5_tokenizer(os.path.join(out_dir, "tokenizer_3"), words)
-    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-               max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id, projection_dim=16)
-    text_encoder, text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
-    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+    text_encoder, text_encoder_2 = (CLIPTextModelWithProjection(tiny_clip_config(tok)),
+                                    CLIPTextModelWithProjection(tiny_clip_config(tok)))
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=48, d_kv=8, d_ff=32, num_layers=1,
                                              num_heads=2, pad_token_id=tok_3.pad_token_id,
                                              eos_token_id=tok_3.eos_token_id, decoder_start_token_id=0))
-    transformer = SD3Transformer2DModel(  # joint_attention_dim: the width of CLIP-L + CLIP-G (= T5's, padded)
+    # joint_attention_dim: T5's width; the two CLIP encoders' states side by side (16 + 16) are zero-padded to it, as
+    # SD3's 768 + 1280 are to T5-XXL's 4096; pooled_projection_dim: the two pooled outputs side by side
+    transformer = SD3Transformer2DModel(
         sample_size=res // 2, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+        joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
         pos_embed_max_size=res // 2)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
