@@ -65,7 +65,6 @@ class Labels:
 
     def __init__(self, folder, pairs):
         self.root, self.pairs, self.lock = os.path.realpath(folder), pairs, threading.Lock()
-        self.skipped = Counter()  # reason -> count, shown on the page and printed
         self.not_shown = []  # (file, reason) of each image found but not shown: the page lists them
         self.files, self.captions = self.scan()
         self.items = self.make_pairs() if pairs else [[f] for f in self.files]
@@ -86,8 +85,11 @@ class Labels:
             fail(f"cannot write into {folder} ({e.strerror or e}): label.py keeps its labels there")
 
     def leave_out(self, rel, why):
-        self.skipped[why] += 1
         self.not_shown.append((rel, why))
+
+    @property
+    def skipped(self):  # reason -> how many images it left out, shown on the page and printed
+        return Counter(why for _, why in self.not_shown)
 
     def skip_line(self):
         return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
