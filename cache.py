@@ -1,16 +1,20 @@
 """The one-off cache of VAE latents and text embeddings, its reader, and the no-cache alternative.
 
 Everything that does not change during training is computed once: the VAE posterior of every image (and
-of its mirror image) and the text embedding of every caption (for SDXL also its pooled embedding, and each
-image's time ids). Training then never runs the VAE or the text encoders. The cache is keyed by the data,
-the models and the preprocessing (cache_key), so a stale cache is never read; it is written in chunks, each
+of its mirror image) and the text embedding of every caption (for SDXL, SD3 and FLUX.1 also its pooled embedding;
+for SDXL each image's time ids). A caption's embedding is what the denoiser attends to, whole: SD1.5 77 x 768,
+SDXL 77 x 2048, SD3 (77 + 256) x 4096, 2.6 MB in fp16 (the README tabulates the flow families' sizes). Training
+then never runs the VAE or the text encoders. The cache is keyed by the data, the models and the preprocessing
+(cache_key), so a stale cache is never read; it is written in chunks, each
 whole or absent, so an interrupted pass resumes. What it stores (--latent_cache):
 - posterior: mean and std of each image's posterior; every step draws x0 = mean + std * noise afresh,
   exactly as `latent_dist.sample()` would (the default);
 - mean: the mean only (`latent_dist.mode()`), half the size; every draw is then the same latent, which
   deviates from sampling (the posterior's std is small next to the noise added for training, but not zero);
 - none: nothing is stored; each step encodes its images and prompts on the fly, as the public trainers do.
-`--no-random_flip` stores no mirror images (half the size again).
+`--no-random_flip` stores no mirror images (half the size again). `--text_cache none` stores the latents but no
+text: each caption is encoded when drawn (the flow families' text states are 2.6 to 12 MB a caption, more than an
+image's latents; the text encoders then stay in memory).
 """
 import hashlib
 import json
@@ -24,7 +28,7 @@ from PIL import Image
 from common import barrier
 from files import fail, save_safetensors, write_json
 from data import read_images
-from model import encode_prompts, time_ids
+from model import encode_prompts, latent_shape, latents_of, time_ids
 
 CACHE_VERSION = 3
 CHUNK = 1024  # images (or captions) per cache file; each file is written whole or not at all
@@ -54,7 +58,7 @@ def image_time_ids(img, crop, resolution, flipped):
     return time_ids((img.height, img.width), (top, left), (resolution, resolution))
 
 
-def cache_key(fb, resolution, flip, models, mode):
+def cache_key(fb, resolution, flip, models, mode, texts=True):
     """A key that changes whenever the data, the models or the preprocessing change.
 
     Data: every image reference with the size and modification time of its file, and the captions.
@@ -62,7 +66,7 @@ def cache_key(fb, resolution, flip, models, mode):
     ids of every caption, so a stale cache is never used for other data, model or resolution.
     """
     h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "res": resolution, "flip": flip, "mode": mode,
-                                   "family": models.family}).encode())
+                                   "family": models.family, **({} if texts else {"texts": False})}).encode())
     files = fb.paths if fb.paths is not None else fb.parquet_files
     for p in files:
         st = os.stat(p)
@@ -72,27 +76,25 @@ def cache_key(fb, resolution, flip, models, mode):
             h.update(np.ascontiguousarray(a).tobytes())
     for c in fb.captions:
         h.update(c.encode() + b"\0")
-    for model in (models.vae, models.text_encoder, models.text_encoder_2):
+    for model in (models.vae, models.text_encoder, models.text_encoder_2, models.text_encoder_3):
         for name, t in sorted(model.state_dict().items()) if model is not None else []:
             h.update(name.encode())
             h.update(t.detach().float().cpu().numpy().tobytes())
     tok = models.tokenizer
-    ids = tok(fb.captions[:1000] + [""], padding="max_length", truncation=True, max_length=tok.model_max_length).input_ids
+    ids = tok(fb.captions[:1000] + [""], padding="max_length", truncation=True,
+              max_length=min(tok.model_max_length, 512)).input_ids  # (a language model's tokenizer has no length of its own)
     h.update(np.asarray(ids, np.int64).tobytes())
+    if models.tokenizer_3 is not None:  # SD3's T5 reads its own tokens
+        h.update(json.dumps(models.tokenizer_3(fb.captions[:1000] + [""]).input_ids).encode())
     return h.hexdigest()[:20]
 
 
-def latent_side(vae, resolution):
-    return resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def cache_bytes(models, resolution, flip, mode):
-    """(bytes per image, bytes per caption) the cache stores, in fp16."""
-    side = latent_side(models.vae, resolution)
-    per_image = models.vae.config.latent_channels * side * side * 2 * (2 if mode == "posterior" else 1) * (2 if flip else 1)
-    width = models.text_encoder.config.hidden_size + (models.text_encoder_2.config.hidden_size if models.text_encoder_2 else 0)
-    per_caption = 77 * width * 2 + (models.text_encoder_2.config.projection_dim * 2 if models.text_encoder_2 else 0)
-    return per_image, per_caption
+@torch.no_grad()
+def cache_bytes(models, resolution, flip, mode, device):
+    """(bytes per image, bytes per caption) the cache stores, in fp16; a caption's measured on the empty prompt."""
+    per_image = int(np.prod(latent_shape(models.vae, resolution))) * 2 * (2 if mode == "posterior" else 1) * (2 if flip else 1)
+    emb, pooled = encode_prompts(models, [""], device)
+    return per_image, 2 * (emb[0].numel() + (pooled[0].numel() if pooled is not None else 0))
 
 
 def human(n):
@@ -101,19 +103,19 @@ def human(n):
 
 @torch.no_grad()
 def encode_images(models, images, resolution, ctx, flipped=False):
-    """VAE posteriors (mean, std) times the scaling factor of PIL images (None: zeros), and SDXL time ids."""
-    scale = models.vae.config.scaling_factor  # always the VAE's own (SD1.5 0.18215, SDXL 0.13025)
+    """VAE posteriors (mean, std) of PIL images (None: zeros) in the denoiser's latent space (model.latents_of: the
+    VAE's own scaling, SD1.5 0.18215, SDXL 0.13025, and SD3's shift), and SDXL time ids."""
     blank = Image.new("RGB", (resolution, resolution))
     prepared = [to_tensor(im if im is not None else blank, resolution) for im in images]
     x = torch.stack([t for t, _ in prepared])  # (n,3,H,W) in [-1, 1]
     post = models.vae.encode((x.flip(-1) if flipped else x).to(ctx.device, models.vae.dtype)).latent_dist
     ids = torch.stack([image_time_ids(im if im is not None else blank, crop, resolution, flipped)
                        for im, (_, crop) in zip(images, prepared)])
-    return post.mean * scale, post.std * scale, ids
+    return (*latents_of(models.vae, post.mean, post.std), ids)
 
 
 @torch.no_grad()
-def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False, mode="posterior"):
+def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False, mode="posterior", texts=True):
     """Encode every image and caption once; every rank encodes its share of the chunks in parallel.
 
     Per image we store the VAE posterior N(mean, std^2) (times the scaling factor), not one sample of
@@ -121,20 +123,22 @@ def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False, mod
     image is stored too, and training picks one of the two by a coin toss per image per step (the paper
     flips w and l independently). Before encoding it prints the size it will take and stops with one
     line if the disk cannot hold it. Chunks already on disk are kept, so an interrupted pass resumes.
-    models: model.load_models' parts (on ctx.device). Returns the cache folder.
+    texts=False (--text_cache none): no caption is stored. models: model.load_models' parts (on ctx.device). Returns
+    the cache folder.
     """
     from tqdm import tqdm
-    folder = os.path.join(cache_root, cache_key(fb, resolution, flip, models, mode))
+    folder = os.path.join(cache_root, cache_key(fb, resolution, flip, models, mode, texts))
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
-    n_img, n_cap = fb.num_images, len(fb.captions) + 1  # the last caption is "" for prompt dropout
-    per_image, per_caption = cache_bytes(models, resolution, flip, mode)
+    n_img, n_cap = fb.num_images, (len(fb.captions) + 1) * texts  # the last caption is "" for prompt dropout
+    per_image, per_caption = cache_bytes(models, resolution, flip, mode, ctx.device)
     need = n_img * per_image + n_cap * per_caption
     os.makedirs(cache_root, exist_ok=True)
     have = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) if os.path.isdir(folder) else 0
     free = shutil.disk_usage(cache_root).free
     ctx.say(f"cache: {n_img:,} images x {human(per_image)} + {n_cap:,} captions x {human(per_caption)} = {human(need)} "
-            f"({mode}{', with mirror images' if flip else ''}) in {folder}; {human(free)} free")
+            f"({mode}{', with mirror images' if flip else ''}{'' if texts else ', captions encoded on the fly'}) in {folder}; "
+            f"{human(free)} free")
     if need - have > free:
         fail(f"the cache needs {human(need - have)} more in {cache_root} but only {human(free)} are free: use another "
              f"--cache_dir, --latent_cache mean (half), --no-random_flip (half), or --latent_cache none")
@@ -152,8 +156,8 @@ def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False, mod
             texts, out = (fb.captions + [""])[lo:hi], {}
             parts = [encode_prompts(models, texts[b:b + 64 * ENCODE_BATCH], ctx.device)
                      for b in range(0, len(texts), 64 * ENCODE_BATCH)]
-            out["emb"] = torch.cat([e.to(torch.float16).cpu() for e, _ in parts])  # (n, 77, d): what the UNet attends to
-            if models.family == "sdxl":
+            out["emb"] = torch.cat([e.to(torch.float16).cpu() for e, _ in parts])  # (n, L, d): what the denoiser attends to
+            if parts[0][1] is not None:  # SDXL, SD3, FLUX.1
                 out["pooled"] = torch.cat([p.to(torch.float16).cpu() for _, p in parts])  # (n, d2)
             save_safetensors(out, os.path.join(folder, name))
             continue
@@ -178,8 +182,8 @@ def build_cache(fb, cache_root, models, resolution, flip, ctx, strict=False, mod
         save_safetensors(out, os.path.join(folder, name))
     barrier()
     if ctx.master:
-        write_json({"images": n_img, "captions": n_cap, "resolution": resolution, "flip": flip, "mode": mode,
-                    "family": models.family, "source": fb.source}, os.path.join(folder, "meta.json"))
+        write_json({"images": n_img, "captions": len(fb.captions) + 1, "texts": texts, "resolution": resolution,
+                    "flip": flip, "mode": mode, "family": models.family, "source": fb.source}, os.path.join(folder, "meta.json"))
     barrier()
     return folder
 
@@ -192,7 +196,7 @@ def stack_conditions(conds):
 class LatentCache:
     """Read-only access to a built cache; files are memory-mapped, so a large cache costs no RAM."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, encode_text=None):
         import functools
         from safetensors import safe_open
         self.folder = folder
@@ -203,7 +207,10 @@ class LatentCache:
         n_files = (self.meta["images"] + CHUNK - 1) // CHUNK
         self.valid = torch.cat([self.open(f"images-{c:06d}.safetensors").get_tensor("valid") for c in range(n_files)]).bool()
         self.empty_caption = self.meta["captions"] - 1
+        self.texts = self.meta.get("texts", True)  # False: captions are encoded when drawn, by encode_text(c)
+        self.encode_text = encode_text
         self.sdxl = self.meta["family"] == "sdxl"
+        self.pooled = "pooled" in self.open("texts-000000.safetensors").keys() if self.texts else None
         self.posterior = self.meta["mode"] == "posterior"
 
     def _get(self, prefix, key, i):
@@ -216,16 +223,38 @@ class LatentCache:
         return mean + self._get("images", "std" + suffix, i).float() * noise if self.posterior else mean
 
     def condition(self, c, i, flipped):
-        """What the UNet is conditioned on for caption c with image i: {encoder_hidden_states: (77, d)} and for
-        SDXL text_embeds (d2,) and the image's time_ids (6,)."""
-        cond = {"encoder_hidden_states": self._get("texts", "emb", c).float()}
+        """What the denoiser is conditioned on for caption c with image i: {encoder_hidden_states: (L, d)}, for SDXL
+        SD3 and FLUX.1 text_embeds (the pooled embedding, (d2,)), for SDXL the image's time_ids (6,)."""
+        if not self.texts:
+            emb, pooled = self.encode_text(c)
+            cond = {"encoder_hidden_states": emb, **({} if pooled is None else {"text_embeds": pooled})}
+        else:
+            cond = {"encoder_hidden_states": self._get("texts", "emb", c).float()}
+            if self.pooled:
+                cond["text_embeds"] = self._get("texts", "pooled", c).float()
         if self.sdxl:
-            cond["text_embeds"] = self._get("texts", "pooled", c).float()
             cond["time_ids"] = self._get("images", "time_ids" + ("_flip" if flipped else ""), i).float()
         return cond
 
     def latent_shape(self):
         return tuple(self._get("images", "mean", 0).shape)
+
+
+class TextOnTheFly:
+    """Caption c's conditioning (hidden states, pooled embedding or None), encoded when first asked for, in fp32; the
+    last 4096 are kept (a caption is drawn again and again: once per epoch for each of its images)."""
+
+    def __init__(self, captions, models, device):
+        self.captions, self.models, self.device, self.kept = captions + [""], models, device, {}
+
+    @torch.no_grad()
+    def __call__(self, c):
+        if c not in self.kept:
+            if len(self.kept) >= 4096:
+                self.kept.pop(next(iter(self.kept)))
+            emb, pooled = encode_prompts(self.models, [self.captions[c]], self.device)
+            self.kept[c] = (emb[0].float().cpu(), pooled[0].float().cpu() if pooled is not None else None)
+        return self.kept[c]
 
 
 class OnTheFly:
@@ -240,7 +269,7 @@ class OnTheFly:
                                    for im in read_images(fb, list(range(k, min(fb.num_images, k + CHUNK))))])
         self.empty_caption = len(fb.captions)
         self.sdxl = models.family == "sdxl"
-        self._text, self._images = {}, {}
+        self.text, self._images = TextOnTheFly(fb.captions, models, ctx.device), {}
 
     def _image(self, i, flipped):
         """(mean, std, time ids) of image i; the last few are kept: a sample asks for its latent, then its time ids."""
@@ -255,27 +284,23 @@ class OnTheFly:
         mean, std, _ = self._image(i, flipped)
         return mean + std * noise
 
-    @torch.no_grad()
     def condition(self, c, i, flipped):
-        if c not in self._text:  # a caption's embedding is made once per run; the image's time ids each time
-            if len(self._text) > 4096:
-                self._text.clear()
-            emb, pooled = encode_prompts(self.models, [(self.fb.captions + [""])[c]], self.ctx.device)
-            self._text[c] = (emb[0].float().cpu(), pooled[0].float().cpu() if pooled is not None else None)
-        emb, pooled = self._text[c]
+        emb, pooled = self.text(c)
         cond = {"encoder_hidden_states": emb}
+        if pooled is not None:
+            cond["text_embeds"] = pooled
         if self.sdxl:
-            cond["text_embeds"], cond["time_ids"] = pooled, self._image(i, flipped)[2]
+            cond["time_ids"] = self._image(i, flipped)[2]
         return cond
 
     def latent_shape(self):
-        side = latent_side(self.models.vae, self.resolution)
-        return (self.models.vae.config.latent_channels, side, side)
+        return latent_shape(self.models.vae, self.resolution)
 
 
 def open_cache(fb, args, models, ctx):
-    """The trainers' latents and prompts for --latent_cache: a built LatentCache, or OnTheFly."""
+    """The trainers' latents and prompts for --latent_cache and --text_cache: a built LatentCache, or OnTheFly."""
     if args.latent_cache == "none":
         return OnTheFly(fb, models, args.resolution, ctx)
+    texts = args.text_cache == "store"
     return LatentCache(build_cache(fb, args.cache_dir, models, args.resolution, args.random_flip, ctx, args.strict,
-                                   args.latent_cache))
+                                   args.latent_cache, texts), None if texts else TextOnTheFly(fb.captions, models, ctx.device))

@@ -271,7 +271,11 @@ def base_parser(description):
     a("--lora_dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the kohya LoRA file the front ends load (the diffusers file stays fp32)")
     a("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw; adafactor: factored second moments, as the official SDXL DPO run (small state)")
     a("--vae", default="", help="a replacement VAE (folder or hub id), e.g. the community fp16-fix VAE for SDXL; '' = the pipeline's own")
+    a("--quantize_base", choices=["none", "int8"], default="none", help="LoRA only: hold the frozen base's linear layers as int8 weights (torchao), half of bf16's memory (FLUX.1 [dev] in 24 GB); policy and reference share it, so step 0 stays exact")
+    a("--timestep_sampling", choices=["logit_normal", "mode", "uniform"], default="logit_normal", help="flow models (SD3): how each sample's noise level is drawn (losses.flow_draw_u; SD3's paper and diffusers' scripts default to logit_normal); UNets draw t uniformly")
+    a("--flow_shift", type=float, default=0.0, help="flow models: shift the drawn noise levels towards noise (losses.flow_sigma); 0 = the model's own (SD3: 3.0; FLUX: by image size, model.flow_shift)")
     a("--latent_cache", choices=["posterior", "mean", "none"], default="posterior", help="what the cache stores: each image's VAE posterior (sampled every step), its mean only (half the size; deviates from sampling), or nothing (encode on the fly)")
+    a("--text_cache", choices=["store", "none"], default="store", help="store every caption's text conditioning in the cache, or encode each caption when drawn (the text encoders stay in memory): for the flow families, whose text states take 2.6-12 MB a caption")
     a("--dist_timeout", type=int, default=DIST_TIMEOUT_MINUTES, help="minutes ranks wait for each other before torch.distributed gives up (NCCL's default: 10)")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and every per-sample draw")
     a("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "diffusion-align"), help="where cached latents and text embeddings are kept (reused across runs)")
@@ -282,7 +286,7 @@ def base_parser(description):
     a("--val_every", type=int, default=100, help="steps between validation grids (0: only at the end; -1: never)")
     a("--val_prompts", default=DEFAULT_VAL_PROMPTS, help="validation prompts: a text file, one a line, or prompts separated by |")
     a("--val_seeds", type=int, default=2, help="validation images per prompt (seeds 0..N-1)")
-    a("--val_steps", type=int, default=25, help="DDIM steps for validation images")
+    a("--val_steps", type=int, default=25, help="sampling steps for validation images (DDIM; a flow model with its own Euler scheduler)")
     return p
 
 

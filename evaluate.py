@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from common import PRECISIONS, autocast_for, resolve_precision
 from files import atomic_path, fail, write_json
-from model import load_pipeline, load_scheduler, model_kind
-from sample import PROMPT_SETS, generate_missing, load_prompts, save_grid
+from model import family_of
+from sample import GUIDANCE, PROMPT_SETS, generate_missing, load_pipeline, load_prompts, load_scheduler, model_kind, save_grid
 from scorers import SCORERS, add_scorer_args, load_scorers
 
 # ------------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def parse_args(argv):
     p.add_argument("--n", type=int, default=5, help="images per prompt and model (the KTO paper: 5)")
     p.add_argument("--seed", type=int, default=0, help="seeds seed..seed+n-1, for every prompt and model")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the family's, sample.GUIDANCE: 7.5 for SD1.5 and SDXL, the pipeline's own for SD3 7.0, FLUX.1 3.5, FLUX.2 [klein] 4.0)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     p.add_argument("--batch_size", type=int, default=8,
                    help="images per pipeline call; a rerun must keep it to reuse images (rounding may depend on it)")
@@ -167,6 +167,8 @@ def nan_to_none(x):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.guidance is None:
+        args.guidance = GUIDANCE[family_of(args.pretrained)]
     device = torch.device(args.device)
     # weights in fp32; --precision bf16 (auto on CUDA) samples under bf16 autocast, on the CPU too
     precision = resolve_precision(args.precision, device.type == "cuda")

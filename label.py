@@ -540,7 +540,7 @@ def main(argv=None):
     a("--n", type=int, default=4, help="with --generate: images per prompt (seeds seed..seed+n-1)")
     a("--pretrained", help="with --generate and a LoRA out_dir: its base (default: the one it was trained from)")
     a("--steps", type=int, default=30, help="with --generate: denoising steps")
-    a("--guidance", type=float, default=7.5, help="with --generate: classifier-free guidance scale")
+    a("--guidance", type=float, default=None, help="with --generate: classifier-free guidance scale (default: the family's, 7.5 for SD1.5 and SDXL)")
     a("--seed", type=int, default=0, help="with --generate: first seed")
     a("--resolution", type=int, help="with --generate: image side in pixels (default: the model's)")
     a("--batch_size", type=int, default=4, help="with --generate: images per pipeline call")

@@ -37,8 +37,26 @@ def diffusion_target(scheduler, x0, noise, t):
     raise ValueError(f"unsupported prediction_type {kind!r} (expected 'epsilon' or 'v_prediction')")
 
 
+def is_flow_scheduler(scheduler):
+    """A flow-matching model's scheduler (SD3's FlowMatchEulerDiscreteScheduler) rather than a diffusion one (DDPM)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def draw_timestep(generator, scheduler, scheme="logit_normal", shift=1.0):
+    """One sample's timestep t from its own generator, on the scale the trainers pass around, [0, T) with T = 1000:
+    a diffusion model's t ~ U{0..T-1} (the papers'); a flow model's t = T sigma, sigma drawn by `scheme` and
+    shifted by `shift` (the model's: SD3 3.0, FLUX by image size; model.flow_shift), as below."""
+    num_timesteps = scheduler.config.num_train_timesteps
+    if not is_flow_scheduler(scheduler):
+        return torch.randint(0, num_timesteps, (), generator=generator)
+    return num_timesteps * flow_sigma(flow_draw_u(generator, scheme), shift)
+
+
 def add_noise_and_target(scheduler, x0, noise, t):
-    """x_t = add_noise(x0, eps, t) and what the model must predict from it. (B,4,h,w) each."""
+    """x_t = add_noise(x0, eps, t) and what the model must predict from it (for a flow model x_sigma at
+    sigma = t / T and the velocity, flow_noise_and_target). (B,C,h,w) each."""
+    if is_flow_scheduler(scheduler):
+        return flow_noise_and_target(x0, noise, t / scheduler.config.num_train_timesteps)
     return scheduler.add_noise(x0, noise, t), diffusion_target(scheduler, x0, noise, t)
 
 

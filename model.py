@@ -1,13 +1,25 @@
-"""The model family: Stable Diffusion's parts loaded for training, their conditioning, LoRA, the frozen
+"""The model family: a text-to-image model's parts loaded for training, their conditioning, LoRA, the frozen
 reference, the memory plan, the export users load, and the pipelines evaluation and validation sample with.
 
-Two families, read from the pipeline's model_index.json (no flag): SD1.x/2.x (`StableDiffusionPipeline`:
-one CLIP text encoder, its last hidden states) and SDXL (`StableDiffusionXLPipeline`: two text encoders,
-their penultimate hidden states concatenated, 77 x 2048; the second one's pooled projection; and per
-image the six "time ids", original size, crop top-left and target size). Everything that knows which
-family a model is lives here, so another family changes this file.
+The family is read from the pipeline's model_index.json (no flag):
+- sd: SD1.x/2.x (`StableDiffusionPipeline`): one CLIP text encoder, its last hidden states; a UNet predicting eps.
+- sdxl: SDXL (`StableDiffusionXLPipeline`): two text encoders, their penultimate hidden states concatenated,
+  77 x 2048; the second one's pooled projection; and per image the six "time ids", original size, crop
+  top-left and target size.
+- sd3: SD3 / SD3.5 (`StableDiffusion3Pipeline`), a flow-matching transformer (MMDiT): two CLIP encoders (penultimate
+  states side by side, zero-padded to T5's width, then T5-XXL's states after them: 77 + 256 tokens x 4096) and
+  their two pooled projections side by side; latents are (z - shift) * scale; it predicts a velocity (losses.py).
+- flux: FLUX.1 [dev] and [schnell] (`FluxPipeline`): T5-XXL's states (512 x 4096) and CLIP's pooled output (768);
+  latents (z - shift) * scale, 16 channels, packed 2x2 into tokens of 64 with their (0, row, column) position ids;
+  [dev] also takes the guidance value it was distilled with.
+- flux2: FLUX.2 [klein] (`Flux2KleinPipeline`): one Qwen3 language model, its hidden states after layers 9, 18 and
+  27 side by side (512 x 3 x 2560 for klein 4B); no pooled embedding; the FLUX.2 VAE's 32 channels patchified 2x2
+  into 128 and normalised by the VAE's batch-norm statistics, one token per position, (0, row, column, 0) ids.
+Everything that knows which family a model is lives here, so another family changes this file. The denoising
+network, a UNet or a transformer, is `models.unet` everywhere (the trainers' loops do not care which).
 """
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -15,20 +27,43 @@ from types import SimpleNamespace
 
 import torch
 
+import frontend_lora
 from files import check_model_path, fail, one_line
 from parallel import gather_whole, is_sharded, optimizer_state_bytes, shard_of
 
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json's _class_name
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA scripts
+# model_index.json's _class_name -> family
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+            "FluxPipeline": "flux", "Flux2KleinPipeline": "flux2"}
+FLOW_FAMILIES = ("sd3", "flux", "flux2")  # trained by flow matching: a velocity target at a continuous noise level
+DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer", "flux2": "transformer"}
+DENOISER_FAMILY = {"UNet2DConditionModel": "sd", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
+                   "Flux2Transformer2DModel": "flux2"}  # (sd and sdxl share the UNet's class and LoRA targets)
+# the layers LoRA adapts: the attention projections, as in the diffusers LoRA scripts (train_text_to_image_lora*.py;
+# for SD3 train_dreambooth_lora_sd3.py's default, which adds the text stream's projections of the joint attention)
+# and for FLUX.1 the same list (it reaches the single blocks' q, k, v too); FLUX.2's single blocks fuse q, k, v with the
+# MLP's input (to_qkv_mlp_proj) and the attention's output with the MLP's (attn.to_out, a Linear there, where the double
+# blocks' to_out is a list): a regex, as peft takes, adapts both (train_dreambooth_lora_flux2_klein.py lists them by index)
+LORA_TARGETS = {"sd": ["to_k", "to_q", "to_v", "to_out.0"], "sdxl": ["to_k", "to_q", "to_v", "to_out.0"],
+                "sd3": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+                "flux": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+                "flux2": r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|to_qkv_mlp_proj)$"
+                         r"|.*single_transformer_blocks\.\d+\.attn\.to_out$"}
+# how many T5 tokens a flow family's prompt is encoded to: its pipeline's default, so that training conditions the
+# model exactly as sampling does (SD3's pipeline pads to 256; diffusers' SD3 LoRA script trains on 77: less cache)
+MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512, "flux2": 512}
+# FLUX.1 [dev]'s guidance input while training: 1, the guidance of the plain conditional velocity that flow matching's
+# target is (diffusers' FLUX LoRA script feeds its sampling default, 3.5, instead). Policy and reference see the same.
+FLUX_TRAIN_GUIDANCE = 1.0
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights(folder) looks for
-KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA for AUTOMATIC1111, Forge and ComfyUI (see kohya_lora_state_dict)
+KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA for ComfyUI, Forge and AUTOMATIC1111 (frontend_lora.py)
 
 
 # ------------------------------------------------------------------------------------------------
 # loading for training
 
 def family_of(pretrained):
-    """'sd' or 'sdxl', from the pipeline class in model_index.json; another class gets one clear line."""
+    """The family ('sd', 'sdxl', 'sd3', 'flux', 'flux2') from the pipeline class in model_index.json; another class
+    gets one clear line."""
     from diffusers import DiffusionPipeline
     check_model_path(pretrained)
     try:
@@ -36,62 +71,129 @@ def family_of(pretrained):
     except (OSError, ValueError, EnvironmentError) as e:
         fail(f"cannot load a Stable Diffusion pipeline from {pretrained}: {one_line(e)}")
     if cls not in FAMILIES:
-        fail(f"{pretrained} is a {cls}: supported are StableDiffusionPipeline (SD1.x, SD2.x) and "
-             f"StableDiffusionXLPipeline (SDXL)")
+        fail(f"{pretrained} is a {cls}: supported are StableDiffusionPipeline (SD1.x, SD2.x), "
+             f"StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3, SD3.5), FluxPipeline (FLUX.1) and "
+             f"Flux2KleinPipeline (FLUX.2 [klein])")
     return FAMILIES[cls]
+
+
+def is_flow(family):
+    return family in FLOW_FAMILIES
 
 
 def pipeline_class(family):
     import diffusers
-    return diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    return getattr(diffusers, next(cls for cls, f in FAMILIES.items() if f == family))
 
 
 def load_models(pretrained, ctx, vae=None):
-    """Tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler from a diffusers folder or hub id.
+    """Tokenizers, text encoders, VAE, the denoiser (UNet or transformer) and the training noise scheduler from a
+    diffusers folder or hub id, each of the class its model_index.json names (as DiffusionPipeline loads them).
 
     The text encoders are held in ctx.dtype (their outputs are cached once); the VAE too unless its config
     asks for fp32 (`force_upcast`: SDXL's VAE overflows in fp16), or `vae` names a replacement VAE (a folder
-    or hub id, e.g. the community fp16-fix VAE); the UNet in fp32 (trainable weights stay fp32)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    or hub id, e.g. the community fp16-fix VAE); the denoiser in fp32 (trainable weights stay fp32). The
+    training scheduler: DDPM for the UNet families (whatever the pipeline samples with: the noise of training is
+    DDPM's), the pipeline's own flow-matching scheduler for the flow families (its shift)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
     family = family_of(pretrained)
     if vae:
         check_model_path(vae, "VAE")
-    m = SimpleNamespace(family=family, tokenizer_2=None, text_encoder_2=None)
+    index = DiffusionPipeline.load_config(pretrained)
+    m = SimpleNamespace(family=family, tokenizer_2=None, text_encoder_2=None, tokenizer_3=None, text_encoder_3=None,
+                        options={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)})
+
+    def part(name, **kw):  # a component of the class model_index.json names: ["transformers", "CLIPTextModel"]
+        library, cls = index[name]
+        return getattr(importlib.import_module(library), cls).from_pretrained(pretrained, subfolder=name, **kw)
     try:
-        m.tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        m.text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", dtype=ctx.dtype)
-        if family == "sdxl":
-            m.tokenizer_2 = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2")
-            m.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2",
-                                                                           dtype=ctx.dtype)
-        m.vae = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        m.unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", dtype=torch.float32)
-        m.noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            if index.get(name, [None])[0]:
+                setattr(m, name, part(name))
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if index.get(name, [None])[0]:
+                setattr(m, name, part(name, dtype=ctx.dtype))
+        m.vae = AutoencoderKL.from_pretrained(vae) if vae else part("vae")
+        m.unet = part(DENOISER[family], dtype=torch.float32)
+        m.noise_scheduler = part("scheduler") if is_flow(family) else \
+            DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
     except (OSError, ValueError, EnvironmentError) as e:
         fail(f"cannot load a Stable Diffusion pipeline from {pretrained}: {str(e).splitlines()[0][:300]}")
     if not m.vae.config.get("force_upcast", True):  # diffusers' default is True: keep fp32 unless told it is safe
         m.vae.to(ctx.dtype)
-    for part in (m.text_encoder, m.text_encoder_2, m.vae):
-        if part is not None:
-            part.requires_grad_(False).eval().to(ctx.device)
+    for enc in (m.text_encoder, m.text_encoder_2, m.text_encoder_3, m.vae):
+        if enc is not None:
+            enc.requires_grad_(False).eval().to(ctx.device)
     m.unet.to(ctx.device)
     return m
 
 
 def encode_prompts(models, texts, device):
-    """What the UNet attends to, (n, 77, d), and SDXL's pooled embedding, (n, d2), or None for SD.
+    """What the denoiser attends to, (n, L, d), and the pooled embedding, (n, d2), or None for SD.
 
     SD: the text encoder's last hidden states. SDXL, as its pipeline's encode_prompt: the penultimate hidden
-    states of both encoders concatenated, and the second encoder's projected pooled output."""
-    def ids(tok):
-        return tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+    states of both encoders concatenated, and the second encoder's projected pooled output. SD3, as its pipeline's
+    encode_prompt: both CLIP encoders' penultimate states side by side, zero-padded to T5's width, followed by
+    T5's last states (MAX_SEQUENCE_LENGTH tokens); both projected pooled outputs side by side. FLUX.1: T5's last
+    states and CLIP's pooled output. FLUX.2 [klein]: the prompt in Qwen3's chat template, its hidden states after
+    layers 9, 18 and 27 side by side, no pooled embedding (the pipeline's own function: it is static)."""
+    def ids(tok, length=None):
+        return tok(texts, padding="max_length", truncation=True, max_length=length or tok.model_max_length,
                    return_tensors="pt").input_ids.to(device)
     if models.family == "sd":
         return models.text_encoder(ids(models.tokenizer)).last_hidden_state, None
+    if models.family == "flux":
+        pooled = models.text_encoder(ids(models.tokenizer)).pooler_output
+        return models.text_encoder_2(ids(models.tokenizer_2, MAX_SEQUENCE_LENGTH["flux"]))[0], pooled
+    if models.family == "flux2":
+        return pipeline_class("flux2")._get_qwen3_prompt_embeds(models.text_encoder, models.tokenizer, texts, device=device,
+                                                                max_sequence_length=MAX_SEQUENCE_LENGTH["flux2"]), None
     first = models.text_encoder(ids(models.tokenizer), output_hidden_states=True)
     second = models.text_encoder_2(ids(models.tokenizer_2), output_hidden_states=True)
-    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+    clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (n, 77, d1 + d2)
+    if models.family == "sdxl":
+        return clip, second.text_embeds
+    # sd3 (the pipeline's tokenizer_max_length for CLIP is 77, as here)
+    t5 = models.text_encoder_3(ids(models.tokenizer_3, MAX_SEQUENCE_LENGTH["sd3"]))[0]  # (n, 256, 4096)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype)
+    return torch.cat([clip, t5], dim=-2), torch.cat([first.text_embeds, second.text_embeds], dim=-1)
+
+
+def latents_of(vae, posterior_mean, posterior_std):
+    """A VAE posterior in the denoiser's latent space: (z - shift) * scale (SD and SDXL have no shift; SD3's VAE
+    has shift 0.0609, scale 1.5305, FLUX.1's 0.1159 and 0.3611, from their configs); the std only scales. FLUX.2's VAE
+    instead: 2x2 patches of its 32 channels as 128 channels, each normalised by the VAE's batch-norm statistics."""
+    if hasattr(vae, "bn"):  # AutoencoderKLFlux2
+        patchify = pipeline_class("flux2")._patchify_latents
+        bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(posterior_mean)
+        bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(posterior_mean)
+        return (patchify(posterior_mean) - bn_mean) / bn_std, patchify(posterior_std) / bn_std
+    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
+    mean = posterior_mean - shift if shift else posterior_mean
+    return mean * scale, posterior_std * scale
+
+
+def latent_shape(vae, resolution):
+    """(C, h, w) of a latent at `resolution` pixels, as latents_of makes it."""
+    side, c = resolution // 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
+    return (4 * c, side // 2, side // 2) if hasattr(vae, "bn") else (c, side, side)
+
+
+def flow_shift(models, shape):
+    """The shift (losses.flow_sigma) of a flow model's noise levels for latents of `shape` (C, h, w): its scheduler's
+    fixed shift (SD3: 3.0), or, where the scheduler shifts by image size (FLUX: use_dynamic_shifting), exp(mu), mu
+    linear in the number of image tokens as FluxPipeline's calculate_shift samples with (FLUX.1 at 1024 px: 4096 tokens,
+    shift 3.16; at 512 px 1.88). FLUX.2 [klein]'s pipeline samples with a steeper empirical mu, which also depends on
+    the number of steps; we train it with FLUX.1's rule (diffusers' FLUX scripts train without a shift)."""
+    import math
+    if not is_flow(models.family):
+        return 0.0  # (not used: a UNet's t is drawn uniformly)
+    c = models.noise_scheduler.config
+    if not c.get("use_dynamic_shifting"):
+        return c.shift
+    tokens = shape[-1] * shape[-2] // (1 if models.family == "flux2" else 4)  # FLUX.2's latents are patchified already
+    slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    return math.exp(c.base_shift + slope * (tokens - c.base_image_seq_len))
 
 
 def time_ids(original_hw, crop_top_left, target_hw):
@@ -100,21 +202,72 @@ def time_ids(original_hw, crop_top_left, target_hw):
 
 
 def denoise(unet, x_t, t, cond):
-    """The UNet's prediction for conditioning `cond` (cache.condition's keys): the prompt's hidden states, and
-    for SDXL the pooled embedding and time ids. `unet` may be the DDP wrapper."""
+    """The denoiser's prediction for conditioning `cond` (cache.condition's keys): the prompt's hidden states, and
+    for SDXL the pooled embedding and time ids, for SD3 and FLUX.1 the pooled embedding. `unet` may be the DDP
+    wrapper.
+    t: the trainers' timesteps, (B,) in [0, 1000): a UNet's integer step, a flow model's 1000 sigma (what SD3's
+    pipeline passes its transformer)."""
+    kind = denoiser_class(unet)
+    if kind == "SD3Transformer2DModel":
+        return unet(hidden_states=x_t, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                    pooled_projections=cond["text_embeds"]).sample
+    if kind in ("FluxTransformer2DModel", "Flux2Transformer2DModel"):
+        return flux_denoise(unet, x_t, t, cond, kind == "Flux2Transformer2DModel")
     extra = {}
     if "time_ids" in cond:
         extra["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
     return unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], **extra).sample
 
 
+def denoiser_class(unet):
+    """The denoiser's diffusers class name through any wrapper: DDP's (.module) or FSDP2's (a subclass it names
+    FSDP<class>)."""
+    return type(getattr(unet, "module", unet)).__name__.removeprefix("FSDP")
+
+
+def is_transformer(unet):
+    """True for a flow family's transformer, False for a UNet."""
+    return denoiser_class(unet) != "UNet2DConditionModel"
+
+
+def flux_denoise(transformer, x_t, t, cond, flux2):
+    """A FLUX transformer's velocity for latents (B, C, h, w), as its pipeline calls it: the latents as a sequence of
+    tokens with their position ids, the timestep as sigma = t / 1000, and back to (B, C, h, w).
+    FLUX.1: each 2x2 patch is a token of 4C (channel-major: c, then row, then column in the patch), ids (0, row,
+    column) of the patch, the text's ids zeros; [dev] gets FLUX_TRAIN_GUIDANCE. FLUX.2: each position is a token
+    (its latents are patchified already), ids (0, row, column, 0), the text's (0, 0, 0, index)."""
+    b, c, h, w = x_t.shape
+    n_text, dev = cond["encoder_hidden_states"].shape[1], x_t.device
+    patch = 1 if flux2 else 2
+    rows, cols = torch.meshgrid(torch.arange(h // patch), torch.arange(w // patch), indexing="ij")
+    zero = torch.zeros_like(rows.flatten())
+    if flux2:
+        tokens = x_t.reshape(b, c, h * w).permute(0, 2, 1)  # (B, h w, C)
+        img_ids = torch.stack([zero, rows.flatten(), cols.flatten(), zero], dim=-1).to(dev)  # (h w, 4) int64
+        txt_ids = torch.stack([torch.zeros(n_text, dtype=torch.long)] * 3 + [torch.arange(n_text)], dim=-1).to(dev)
+        extra = {}
+    else:
+        tokens = x_t.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.stack([zero, rows.flatten(), cols.flatten()], dim=-1).to(dev, x_t.dtype)  # (h w / 4, 3)
+        txt_ids = torch.zeros(n_text, 3, device=dev, dtype=x_t.dtype)
+        distilled = getattr(transformer, "module", transformer).config.guidance_embeds  # [dev], not [schnell]
+        guidance = torch.full((b,), FLUX_TRAIN_GUIDANCE, device=dev) if distilled else None
+        extra = {"pooled_projections": cond["text_embeds"], "guidance": guidance}
+    out = transformer(hidden_states=tokens, timestep=t / 1000, encoder_hidden_states=cond["encoder_hidden_states"],
+                      img_ids=img_ids, txt_ids=txt_ids, **extra).sample
+    if flux2:
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 def add_lora(unet, rank):
     """peft LoRA adapters of rank `rank` on the attention projections (alpha = rank, so scale 1)."""
     from peft import LoraConfig
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS[DENOISER_FAMILY[denoiser_class(unet)]]))
 
 
-def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True):
+def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True, quantize=False):
     """Make the UNet trainable (fully, or through LoRA adapters) and build its frozen reference.
 
     Returns (trainable parameters, reference forward function reference(x_t, t, cond), or None).
@@ -126,12 +279,23 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
     - LoRA: the same module with its adapters disabled, exact by construction and free in memory. Under bf16 the
       frozen base is held in bf16 (half the memory; autocast casts every matmul's weights to bf16 anyway, as the
       diffusers LoRA scripts hold it in the training dtype), the adapters in fp32; policy and reference share the
-      base, so step 0 stays exact.
+      base, so step 0 stays exact. `quantize` (--quantize_base int8, LoRA only) holds the frozen base's linear layers
+      as int8 weights with one scale per output row (torchao's Int8WeightOnlyConfig; the rest stays as it was):
+      half of bf16's memory, so that FLUX.1 [dev]'s 12B transformer (24 GB in bf16) takes a LoRA on a 24 GB card. It
+      changes what the base computes, for policy and reference alike: step 0 stays exact (tests/test_flow.py).
     """
+    if quantize and not lora_rank:
+        fail("--quantize_base int8 is for LoRA (--lora_rank R): a full fine-tune trains every weight in fp32")
     if lora_rank > 0:
         unet.requires_grad_(False)
         if ctx.precision == "bf16":  # (torch's Module.to: diffusers' own warns about modules kept in fp32; the UNet has none)
             torch.nn.Module.to(unet, torch.bfloat16)
+        if quantize:
+            try:
+                from torchao.quantization import Int8WeightOnlyConfig, quantize_
+            except ImportError as e:
+                fail(f"--quantize_base int8 needs torchao (pip install torchao==0.18.0): {one_line(e)}")
+            quantize_(unet, Int8WeightOnlyConfig())  # peft then wraps each quantized layer (TorchaoLoraLinear)
         add_lora(unet, lora_rank)
         for p in unet.parameters():
             if p.requires_grad:  # the adapters: trainable weights stay fp32
@@ -158,17 +322,22 @@ def prepare_policy(unet, lora_rank, grad_checkpointing, ctx, need_reference=True
     return [p for p in unet.parameters() if p.requires_grad], reference and torch.no_grad()(reference)
 
 
-def memory_plan(models, params, lora, optimizer_name, need_reference, keep_frozen, ctx):
+def memory_plan(models, params, lora, optimizer_name, need_reference, keep_frozen, ctx, quantized=False):
     """The memory training holds per GPU, part by part (activations come on top: gradient checkpointing is what
     shrinks them). Printed at the start, so a run that cannot fit says so before the first step. Under --shard
     (ctx.shard) the rows are per process of ctx.world: see sharded_plan."""
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) if m is not None else 0
     n_train = sum(p.numel() for p in params)
     n_unet = sum(p.numel() for p in models.unet.parameters()) - (n_train if lora else 0)
-    frozen = size(models.vae) + size(models.text_encoder) + size(models.text_encoder_2)
+    frozen = sum(size(getattr(models, name, None)) for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
     frozen_bytes = 2 if lora and ctx.precision == "bf16" else 4  # LoRA under bf16 holds its frozen base in bf16
-    rows = [("UNet weights (fp32)" if not lora else f"UNet weights, frozen ({'bf16' if frozen_bytes == 2 else 'fp32'})",
-             frozen_bytes * n_unet)]
+    net, held = "transformer" if is_flow(models.family) else "UNet", "bf16" if frozen_bytes == 2 else "fp32"
+    rows = [(f"{net} weights (fp32)" if not lora else f"{net} weights, frozen ({held})", frozen_bytes * n_unet)]
+    if quantized:  # the frozen linear layers' weights in int8 (and an fp32 scale a row), the rest as it was
+        linear = [m.weight for m in models.unet.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+        n_int8, rows_int8 = sum(w.numel() for w in linear), sum(w.shape[0] for w in linear)
+        rows = [(f"{net} weights, frozen (int8 linear layers, the rest {held})",
+                 n_int8 + 4 * rows_int8 + frozen_bytes * (n_unet - n_int8))]
     if lora:
         rows.append(("LoRA weights (fp32)", 4 * n_train))
     rows += [("gradients (fp32)", 4 * n_train),
@@ -243,6 +412,8 @@ def shard_units(unet):
     """The modules fully_shard wraps, innermost first: every residual and transformer block, then each down, mid and
     up block (for what is left in it: samplers, the attention blocks' projections and norms). The root module
     (conv_in, the time and text-time embeddings, conv_out) is wrapped last, by shard_model."""
+    if is_transformer(unet):  # a flow family's transformer: its blocks (diffusers lists them as _no_split_modules)
+        return [m for m in unet.modules() if type(m).__name__ in type(unet)._no_split_modules]
     blocks = [m for m in unet.modules() if type(m).__name__ in SHARD_UNITS]
     return blocks + [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
 
@@ -295,12 +466,12 @@ def gathered_unet(unet, ctx):
     must call this, one tensor at a time) into a plain UNet of the same config on rank 0's CPU; None on the others."""
     if not ctx.shard:
         return unet
-    from diffusers import UNet2DConditionModel
+    import diffusers
     weights = gather_whole(unet.state_dict(), ctx)
     if not ctx.master:
         return None
-    with torch.device("meta"):
-        whole = UNet2DConditionModel.from_config(unet.config)
+    with torch.device("meta"):  # the class by name: fully_shard made `type(unet)` a subclass of its own
+        whole = getattr(diffusers, denoiser_class(unet)).from_config(unet.config)
     whole.load_state_dict(weights, assign=True)
     return whole
 
@@ -308,14 +479,10 @@ def gathered_unet(unet, ctx):
 # ------------------------------------------------------------------------------------------------
 # the result, in the layout users load
 
-LORA_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def export(out_dir, pretrained, unet, lora, resolution=None, lora_dtype="fp16"):
     """A LoRA file for `pipe.load_lora_weights(out_dir)` (fp32) and the kohya file for the front ends (in
-    `lora_dtype`, fp16 as front-end LoRAs usually are: half the size, with the metadata they read), or a full
-    pipeline for `from_pretrained(out_dir)` of the base's class (StableDiffusionPipeline or
-    StableDiffusionXLPipeline; the base's other parts, fp32). `resolution`: the training size, for the metadata."""
+    `lora_dtype`, with the metadata they read: frontend_lora.py), or a full pipeline for `from_pretrained(out_dir)`
+    of the base's class (the base's other parts, fp32). `resolution`: the training size, for the metadata."""
     family = family_of(pretrained)
     Pipeline = pipeline_class(family)
     stage = os.path.join(out_dir, f".export.tmp{os.getpid()}")  # written whole here, then moved part by part
@@ -324,17 +491,16 @@ def export(out_dir, pretrained, unet, lora, resolution=None, lora_dtype="fp16"):
         if lora:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
-            layers = convert_state_dict_to_diffusers({k: v.detach().float().cpu()
-                                                      for k, v in get_peft_model_state_dict(unet).items()})
-            Pipeline.save_lora_weights(stage, unet_lora_layers=layers, safe_serialization=True,  # with its alpha
-                                       unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-            from safetensors.torch import save_file
-            rank = unet.peft_config["default"].r
-            save_file(kohya_lora_state_dict(unet, dtype=LORA_DTYPES[lora_dtype]), os.path.join(stage, KOHYA_FILE),
-                      metadata=kohya_metadata(family, rank, unet.peft_config["default"].lora_alpha, resolution,
-                                              os.path.basename(os.path.abspath(out_dir)), lora_dtype))
+            layers = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+            if not is_flow(family):  # the UNet loaders read diffusers' older names (to_q.lora.down); a transformer's
+                layers = convert_state_dict_to_diffusers(layers)  # loader reads peft's own (lora_A), and only those
+            net = DENOISER[family]  # unet_lora_layers or transformer_lora_layers, with its alpha in the metadata
+            Pipeline.save_lora_weights(stage, safe_serialization=True, **{f"{net}_lora_layers": layers,
+                                       f"{net}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
+            frontend_lora.write(os.path.join(stage, KOHYA_FILE), unet, family, resolution,
+                                os.path.basename(os.path.abspath(out_dir)), lora_dtype)
         else:
-            pipe = Pipeline.from_pretrained(pretrained, unet=unet, dtype=torch.float32)
+            pipe = Pipeline.from_pretrained(pretrained, dtype=torch.float32, **{DENOISER[family]: unet})
             pipe.save_pretrained(stage, safe_serialization=True)
         for name in os.listdir(stage):  # a part is replaced only once it is complete
             dst = os.path.join(out_dir, name)
@@ -345,99 +511,3 @@ def export(out_dir, pretrained, unet, lora, resolution=None, lora_dtype="fp16"):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def kohya_metadata(family, rank, alpha, resolution, title, dtype="fp16"):
-    """The header the front ends read from a kohya LoRA file (all values strings, as safetensors metadata are).
-    kohya's sd-scripts keys: AUTOMATIC1111 and Forge take the base model from `ss_base_model_version` (SDXL when it
-    starts with "sdxl_"; SD1 for any other file with metadata; "Unknown", and so offered for every checkpoint,
-    for a file without) and show `ss_network_dim` / `ss_network_alpha`, `ss_output_name` as the name. Stability's
-    ModelSpec keys (`modelspec.*`, as sd-scripts' library/sai_model_spec.py writes them for a LoRA): architecture,
-    implementation, title, resolution, date, prediction type."""
-    import datetime
-    sdxl = family == "sdxl"
-    side = resolution or (1024 if sdxl else 512)
-    return {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1", "ss_v2": "False",
-        "ss_resolution": f"({side}, {side})", "ss_output_name": title, "ss_mixed_precision": dtype,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1") + "/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
-        "modelspec.title": title, "modelspec.resolution": f"{side}x{side}", "modelspec.prediction_type": "epsilon",
-        "modelspec.date": datetime.date.today().isoformat(),
-    }
-
-
-def kohya_lora_state_dict(unet, adapter="default", dtype=torch.float32):
-    """The UNet's LoRA in the kohya layout the front ends load: per adapted layer `lora_unet_<module path with
-    . -> _>` (ComfyUI's comfy/lora.py model_lora_keys_unet maps exactly these names for SD1.5 and SDXL, A1111's
-    Lora extension converts them to its own) with `.lora_down.weight` (A, r x in), `.lora_up.weight` (B, out x r) and
-    `.alpha`; the front ends scale by alpha / r, peft by its `scaling`, so alpha = scaling * r keeps the strength.
-    (diffusers' convert_state_dict_to_kohya writes alpha = r, right only when lora_alpha equals r.)"""
-    from peft.tuners.lora import LoraLayer
-    out = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            key, down = "lora_unet_" + name.replace(".", "_"), module.lora_A[adapter].weight
-            out[f"{key}.lora_down.weight"] = down.detach().to(dtype).cpu().contiguous()
-            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().to(dtype).cpu().contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(module.scaling[adapter] * down.shape[0]))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# pipelines to sample with: evaluation and the trainers' validation grids
-
-def sampling_pipeline(models, scheduler):
-    """A pipeline over parts already in memory (the trainer's, with the live UNet), to draw validation images."""
-    parts = dict(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
-                 scheduler=scheduler)
-    if models.family == "sdxl":
-        parts.update(text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2)
-    else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(models.family)(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def model_kind(source):
-    """What our trainers left in a folder: 'pipeline' (full fine-tune), 'lora', 'unet', 'checkpoint', or None."""
-    if os.path.isfile(os.path.join(source, "model_index.json")):  # checked first: it also has unet/config.json
-        return "pipeline"
-    if os.path.isfile(os.path.join(source, LORA_FILE)):
-        return "lora"
-    if os.path.isfile(os.path.join(source, "config.json")):
-        return "unet"  # a bare UNet folder: config.json + diffusion_pytorch_model.safetensors
-    if os.path.isfile(os.path.join(source, "model.safetensors")) and os.path.isfile(os.path.join(source, "state.json")):
-        return "checkpoint"  # a trainer checkpoint, out_dir/checkpoints/step_N: a run part-way
-    return None
-
-
-def load_scheduler(base, kind=None):
-    """The base pipeline's scheduler, whatever its class (PNDM for the SD1.5 release), or `kind` from its config."""
-    import diffusers
-    try:
-        _, cls = diffusers.DiffusionPipeline.load_config(base)["scheduler"]  # e.g. ["diffusers", "PNDMScheduler"]
-        return getattr(diffusers, kind or cls).from_pretrained(base, subfolder="scheduler")
-    except Exception as e:
-        fail(f"cannot load the base pipeline {base!r}: {one_line(e)}")
-
-
-def load_pipeline(base, source, scheduler, device, dtype):
-    """The base pipeline, or the base with a fine-tuned UNet / LoRA / checkpoint, or a whole fine-tuned pipeline.
-
-    Every model gets the base's scheduler, so that only the weights differ between models."""
-    from diffusers import UNet2DConditionModel
-    kind = model_kind(source) if source else "base"
-    family = family_of(source if kind == "pipeline" else base)
-    common = dict(dtype=dtype, scheduler=scheduler)
-    if family == "sd":
-        common.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipeline_class(family).from_pretrained(source if kind == "pipeline" else base, **common)
-    if kind == "lora":
-        pipe.load_lora_weights(source)
-    elif kind == "unet":
-        pipe.unet = UNet2DConditionModel.from_pretrained(source, dtype=dtype)
-    elif kind == "checkpoint":
-        load_checkpoint_unet(pipe.unet, source)
-    return pipe.to(device)

@@ -50,8 +50,8 @@ import common
 import train_kto
 from files import atomic_path, fail, one_line, read_jsonl, write_json
 from label import decisions_in
-from sample import generate, generate_missing, load_prompts
-from model import load_pipeline, load_scheduler
+from model import DENOISER, family_of
+from sample import generate, generate_missing, load_pipeline, load_prompts, load_scheduler
 from scorers import add_scorer_args, load_scorers, scorer_name
 
 EVAL_SEED = 10 ** 8  # evaluation seeds EVAL_SEED + 0..E-1: the same for every run, apart from the training samples'
@@ -80,7 +80,7 @@ def make_parser():
     a("--offline", action="store_true", help="the control: every label on the base's samples, judged up front")
     a("--seed", type=int, default=0, help="seed of the training samples and of train_kto.py (the evaluation seeds stay fixed)")
     a("--sample_steps", type=int, default=20, help="denoising steps of every sample")
-    a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of every sample")
+    a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of every sample (FLUX.1 [dev]: its distilled guidance input, 3.5 is its default)")
     a("--batch_size", type=int, default=32, help="images per pipeline call (kept on a rerun: rounding may depend on it)")
     for flag in TRAINER_FLAGS:  # passed to train_kto.py when given (warm-up and resolution always); else its defaults
         a(f"--{flag}", type=float if flag in ("lr", "beta", "desirable_share") else int, default=None,
@@ -197,15 +197,16 @@ def final_checkpoint(rdir, steps):
 
 
 def native_resolution(pretrained):
-    """The image side a pipeline samples at by default: its UNet's sample size times the VAE's downscaling."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """The image side a pipeline samples at by default: its denoiser's sample size (UNet or transformer, in latent
+    pixels) times the VAE's downscaling."""
+    from diffusers import AutoencoderKL
     try:
-        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
+        net = AutoencoderKL.load_config(pretrained, subfolder=DENOISER[family_of(pretrained)])  # any model class reads a config.json
         vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
     except Exception as e:
-        fail(f"cannot read the UNet and VAE configs of {pretrained!r} for its native resolution (or pass --resolution): "
-             f"{one_line(e)}")
-    size = unet["sample_size"]
+        fail(f"cannot read the denoiser and VAE configs of {pretrained!r} for its native resolution (or pass "
+             f"--resolution): {one_line(e)}")
+    size = net.get("sample_size", 128)  # FLUX's transformer has none: its pipelines default to 128 latent pixels
     return (size if isinstance(size, int) else size[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 

@@ -18,7 +18,69 @@ from PIL import Image
 from tqdm import tqdm
 
 from files import atomic_path, check_model_path, fail
-from model import sampling_pipeline
+from model import DENOISER, LORA_FILE, family_of, is_flow, load_checkpoint_unet, pipeline_class
+
+# ------------------------------------------------------------------------------------------------
+# pipelines to sample with: evaluation, label.py --generate, online KTO and the trainers' validation grids
+
+def sampling_pipeline(models, scheduler):
+    """A pipeline over parts already in memory (the trainer's, with the live denoiser), to draw validation images."""
+    parts = {name: getattr(models, name) for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                                      "text_encoder_3", "tokenizer_3") if getattr(models, name) is not None}
+    parts.update(vae=models.vae, scheduler=scheduler, **{DENOISER[models.family]: models.unet})
+    if models.family == "sd":
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    elif models.family == "flux2":
+        parts["is_distilled"] = models.options.get("is_distilled", False)  # its pipeline's guidance depends on it
+    pipe = pipeline_class(models.family)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def model_kind(source):
+    """What our trainers left in a folder: 'pipeline' (full fine-tune), 'lora', 'unet' (a bare denoiser, UNet or
+    transformer), 'checkpoint', or None."""
+    if os.path.isfile(os.path.join(source, "model_index.json")):  # checked first: it also has unet/config.json
+        return "pipeline"
+    if os.path.isfile(os.path.join(source, LORA_FILE)):
+        return "lora"
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return "unet"  # a bare UNet (or transformer) folder: config.json + diffusion_pytorch_model.safetensors
+    if os.path.isfile(os.path.join(source, "model.safetensors")) and os.path.isfile(os.path.join(source, "state.json")):
+        return "checkpoint"  # a trainer checkpoint, out_dir/checkpoints/step_N: a run part-way
+    return None
+
+
+def load_scheduler(base, kind=None):
+    """The base pipeline's scheduler, whatever its class (PNDM for the SD1.5 release), or `kind` from its config."""
+    import diffusers
+    try:
+        _, cls = diffusers.DiffusionPipeline.load_config(base)["scheduler"]  # e.g. ["diffusers", "PNDMScheduler"]
+        return getattr(diffusers, kind or cls).from_pretrained(base, subfolder="scheduler")
+    except Exception as e:
+        fail(f"cannot load the base pipeline {base!r}: {one_line(e)}")
+
+
+def load_pipeline(base, source, scheduler, device, dtype):
+    """The base pipeline, or the base with a fine-tuned UNet (transformer) / LoRA / checkpoint, or a whole fine-tuned
+    pipeline. Every model gets the base's scheduler, so that only the weights differ between models."""
+    import diffusers
+    kind = model_kind(source) if source else "base"
+    family = family_of(source if kind == "pipeline" else base)
+    common = dict(dtype=dtype, scheduler=scheduler)
+    if family == "sd":
+        common.update(safety_checker=None, requires_safety_checker=False)
+    pipe = pipeline_class(family).from_pretrained(source if kind == "pipeline" else base, **common)
+    if kind == "lora":
+        pipe.load_lora_weights(source)
+    elif kind == "unet":
+        net = DENOISER[family]
+        cls = getattr(diffusers, type(getattr(pipe, net)).__name__)
+        setattr(pipe, net, cls.from_pretrained(source, dtype=dtype))
+    elif kind == "checkpoint":
+        load_checkpoint_unet(getattr(pipe, DENOISER[family]), source)
+    return pipe.to(device)
+
 
 # ------------------------------------------------------------------------------------------------
 # generation
@@ -129,19 +191,25 @@ def fit(draw, text, font, width):
     return text + "..."
 
 
-def validate(out_dir, step, models, pretrained, prompts, seeds, resolution, ctx, steps=25, guidance=7.5):
+# each family's classifier-free guidance for sampling: 7.5 for the UNets (as the papers evaluate), the pipelines' own
+# defaults for the flow families (FLUX.1 [dev]'s is the distilled guidance input; [schnell] ignores it)
+GUIDANCE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "flux": 3.5, "flux2": 4.0}
+
+
+def validate(out_dir, step, models, pretrained, prompts, seeds, resolution, ctx, steps=25, guidance=None):
     """The trainers' validation grid: fixed prompts and seeds through the current weights, out_dir/val/step_N.png,
     one row per prompt (its text beside it), one column per seed. A sharded UNet (--shard) needs every rank in its
     forwards: all ranks call this and draw the same images, rank 0 alone writes the grid."""
     import time
-    from diffusers import DDIMScheduler
-    pipe = sampling_pipeline(models, DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler"))
+    # DDIM for the UNet families (few steps), a flow model's own scheduler (Euler along the velocity)
+    pipe = sampling_pipeline(models, load_scheduler(pretrained, None if is_flow(models.family) else "DDIMScheduler"))
     unet = models.unet
     was_training = unet.training
     unet.eval()
     t0 = time.time()
     with ctx.autocast():
-        rows = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution, progress=False)
+        rows = generate(pipe, prompts, seeds, steps=steps, guidance=guidance or GUIDANCE[models.family],
+                        resolution=resolution, progress=False)
     unet.train(was_training)
     path = os.path.join(out_dir, "val", f"step_{step:07d}.png")
     if ctx.master:
@@ -221,14 +289,13 @@ def trained_base(out_dir):
         return None
 
 
-def generate_folder(folder, model, prompts, n, pretrained=None, steps=30, guidance=7.5, seed=0, resolution=None,
+def generate_folder(folder, model, prompts, n, pretrained=None, steps=30, guidance=None, seed=0, resolution=None,
                     batch_size=4, tag=None, precision="auto"):
     """N images per prompt into folder as TAG_<prompt index>_s<seed>.png, the prompt in an A1111-style `parameters`
     chunk (what data.caption_beside reads back). Images already there are kept, so a rerun only adds; made in the
     same batches as a first run would (sample.generate_missing), with evaluate.py's precision rule."""
     from PIL.PngImagePlugin import PngInfo
     from common import autocast_for, resolve_precision
-    from model import load_pipeline, load_scheduler, model_kind
     kind = model_kind(model) if os.path.isdir(model) else None
     if os.path.isdir(model) and kind is None:
         fail(f"--generate {model}: not a pipeline folder (model_index.json) nor a trainer's out_dir "
@@ -238,6 +305,7 @@ def generate_folder(folder, model, prompts, n, pretrained=None, steps=30, guidan
     prompts = load_prompts(prompts)
     if not prompts:
         fail("--prompts: no prompts in it")
+    guidance = guidance if guidance is not None else GUIDANCE[family_of(base)]
     tag = tag or re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(model)))
     os.makedirs(folder, exist_ok=True)
     jobs = [(i, s) for i in range(len(prompts)) for s in range(seed, seed + n)]

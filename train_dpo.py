@@ -22,9 +22,9 @@ import common
 import parallel
 from cache import open_cache, stack_conditions
 from sample import validate
-from losses import add_noise_and_target, dpo_loss, per_sample_error, sft_loss
-from model import (denoise, export, gathered_unet, load_models, load_trainable_state, memory_plan, prepare_policy,
-                   shard_model, trainable_state)
+from losses import add_noise_and_target, draw_timestep, dpo_loss, per_sample_error, sft_loss
+from model import (denoise, export, flow_shift, gathered_unet, is_flow, load_models, load_trainable_state, memory_plan,
+                   prepare_policy, shard_model, trainable_state)
 from public_data import load_pairs
 
 # -----------------------------------------------------------------------------
@@ -61,17 +61,20 @@ def main(argv=None):
     ctx.say(f"data: {fb.summary('pairs')}; cache {cache.folder}")
     if len(fb) == 0:
         common.fail(f"no usable pairs left in {args.data} after skipping unreadable images")
-    keep_frozen = args.val_every >= 0 or args.latent_cache == "none"
+    keep_frozen = args.val_every >= 0 or args.latent_cache == "none" or args.text_cache == "none"
     if not keep_frozen:  # the VAE and text encoders are needed again only to draw validation images
         models.text_encoder = models.text_encoder_2 = models.vae = None
     unet, noise_scheduler = models.unet, models.noise_scheduler
-    latent_shape = cache.latent_shape()  # (4, h, w)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    latent_shape = cache.latent_shape()  # (C, h, w)
+    shift = args.flow_shift or flow_shift(models, latent_shape)  # a flow model's noise levels lean towards noise
+    if is_flow(models.family):
+        ctx.say(f"flow matching: sigma ~ {args.timestep_sampling}, shift {shift:.3g}")
 
     # -------------------------------------------------------------------------
     # policy, reference, optimizer, resume
     need_reference = args.loss == "dpo"
-    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference)
+    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx, need_reference,
+                                       args.quantize_base == "int8")
     if args.init_from:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
         load_trainable_state(unet, args.lora_rank > 0, checkpoints.init_weights(args.init_from, args.lora_rank), args.init_from)
     ddp_unet = shard_model(unet, ctx) if ctx.shard else parallel.wrap_ddp(unet, ctx)
@@ -79,7 +82,8 @@ def main(argv=None):
     optimizer = parallel.make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
-    ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, need_reference, keep_frozen, ctx))
+    ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, need_reference, keep_frozen, ctx,
+                        args.quantize_base == "int8"))
     if ctx.master:
         checkpoints.clear_partial_checkpoints(args.out_dir)
     start_step = 0
@@ -113,7 +117,7 @@ def main(argv=None):
             cond_w.append(cache.condition(c, w, flip_w))
             cond_l.append(cache.condition(c, l, flip_l))
             eps.append(torch.randn(latent_shape, generator=g))  # the same eps and t for w and l of a pair
-            t.append(torch.randint(0, num_timesteps, (), generator=g))
+            t.append(draw_timestep(g, noise_scheduler, args.timestep_sampling, shift))
         on_device = lambda cond: {k: v.to(ctx.device) for k, v in stack_conditions(cond).items()}
         return [torch.stack(x).to(ctx.device) for x in (lat_w, lat_l)] + [on_device(cond_w), on_device(cond_l)] + \
             [torch.stack(x).to(ctx.device) for x in (eps, t)]

@@ -23,9 +23,9 @@ import common
 import parallel
 from cache import open_cache, stack_conditions
 from sample import validate
-from losses import UTILITIES, add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
-from model import (denoise, export, gathered_unet, load_models, load_trainable_state, memory_plan, prepare_policy,
-                   shard_model, trainable_state)
+from losses import UTILITIES, add_noise_and_target, draw_timestep, kto_loss, kto_reference_point, per_sample_error
+from model import (denoise, export, flow_shift, gathered_unet, is_flow, load_models, load_trainable_state, memory_plan,
+                   prepare_policy, shard_model, trainable_state)
 from public_data import load_singles
 
 # -----------------------------------------------------------------------------
@@ -91,16 +91,19 @@ def main(argv=None):
     for name, pool, needed in [("liked", desirable, args.desirable_share > 0), ("disliked", undesirable, args.desirable_share < 1)]:
         if needed and len(pool) == 0:
             common.fail(f"no {name} images in {args.data} ({fb.summary('images')}); KTO needs both kinds, or set --desirable_share")
-    keep_frozen = args.val_every >= 0 or args.latent_cache == "none"
+    keep_frozen = args.val_every >= 0 or args.latent_cache == "none" or args.text_cache == "none"
     if not keep_frozen:  # the VAE and text encoders are needed again only to draw validation images
         models.text_encoder = models.text_encoder_2 = models.vae = None
     unet, noise_scheduler = models.unet, models.noise_scheduler
-    latent_shape = cache.latent_shape()  # (4, h, w)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    latent_shape = cache.latent_shape()  # (C, h, w)
+    shift = args.flow_shift or flow_shift(models, latent_shape)  # a flow model's noise levels lean towards noise
+    if is_flow(models.family):
+        ctx.say(f"flow matching: sigma ~ {args.timestep_sampling}, shift {shift:.3g}")
 
     # -------------------------------------------------------------------------
     # policy, reference, optimizer, resume
-    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx)
+    params, reference = prepare_policy(unet, args.lora_rank, args.grad_checkpointing, ctx,
+                                       quantize=args.quantize_base == "int8")
     start, flag = (args.continue_from, "--continue_from") if args.continue_from else (args.init_from, "--init_from")
     if start:  # after prepare_policy: the reference (a copy of the base, or adapters off) stays the base
         load_trainable_state(unet, args.lora_rank > 0, checkpoints.init_weights(start, args.lora_rank, flag), start)
@@ -115,7 +118,8 @@ def main(argv=None):
                 f"{config['schedule_start']} (lr {common.lr_at(config['schedule_start'], args.lr, args.warmup_steps):.3g})")
     ctx.say(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
             f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})")
-    ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, True, keep_frozen, ctx))
+    ctx.say(memory_plan(models, params, args.lora_rank > 0, args.optimizer, True, keep_frozen, ctx,
+                        args.quantize_base == "int8"))
     if ctx.master:
         checkpoints.clear_partial_checkpoints(args.out_dir)
     start_step = 0
@@ -141,7 +145,8 @@ def main(argv=None):
         draw = torch.randn(latent_shape, generator=g)
         dropped = torch.rand((), generator=g).item() < args.prompt_dropout
         caption = cache.empty_caption if dropped else int(fb.caption_idx[i])
-        return i, y, flip, draw, caption, torch.randn(latent_shape, generator=g), torch.randint(0, num_timesteps, (), generator=g)
+        eps, t = torch.randn(latent_shape, generator=g), draw_timestep(g, noise_scheduler, args.timestep_sampling, shift)
+        return i, y, flip, draw, caption, eps, t
 
     def image_batch(step, micro):
         """This rank's micro-batch: latents, conditioning, (eps, t), labels of images drawn with share gamma, and

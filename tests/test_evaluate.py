@@ -220,11 +220,11 @@ def test_lora_and_unet_folders_load(tiny_pipe_dir, tmp_path):
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path / "lora"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
     shutil.copytree(os.path.join(tiny_pipe_dir, "unet"), tmp_path / "unet")  # a bare UNet folder
-    scheduler = model.load_scheduler(tiny_pipe_dir)
+    scheduler = sample.load_scheduler(tiny_pipe_dir)
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 16)
     outputs = {}
     for name, source in [("base", None), ("lora", str(tmp_path / "lora")), ("unet", str(tmp_path / "unet"))]:
-        p = model.load_pipeline(tiny_pipe_dir, source, scheduler, "cpu", torch.float32)
+        p = sample.load_pipeline(tiny_pipe_dir, source, scheduler, "cpu", torch.float32)
         assert p.scheduler is scheduler
         with torch.no_grad():
             outputs[name] = p.unet(x, t, c).sample
@@ -247,9 +247,9 @@ def test_trainer_checkpoints_load(tiny_pipe_dir, tmp_path, rank):
     checkpoints.save_checkpoint(str(tmp_path), 3, model.trainable_state(unet, rank > 0), torch.optim.AdamW(params),
                                 {"lora_rank": rank})
     folder = str(tmp_path / "checkpoints" / "step_0000003")
-    assert model.model_kind(folder) == "checkpoint"
-    p = model.load_pipeline(tiny_pipe_dir, folder, model.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
-    base = model.load_pipeline(tiny_pipe_dir, None, model.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
+    assert sample.model_kind(folder) == "checkpoint"
+    p = sample.load_pipeline(tiny_pipe_dir, folder, sample.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
+    base = sample.load_pipeline(tiny_pipe_dir, None, sample.load_scheduler(tiny_pipe_dir), "cpu", torch.float32)
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 16)
     with torch.no_grad():
         torch.testing.assert_close(p.unet(x, t, c).sample, unet(x, t, c).sample)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import frontend_lora
 import model
 
 
@@ -17,7 +18,7 @@ def lora_unet(pipe_dir, rank, alpha, seed=0):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=model.LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=model.LORA_TARGETS["sd"]))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in unet.named_parameters():
@@ -79,7 +80,7 @@ def test_the_kohya_file_is_fp16_with_the_metadata_front_ends_read(tmp_path, requ
     assert detected == ("SDXL" if sdxl else "SD1")
     assert meta["modelspec.architecture"] == ("stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora")
     assert meta["modelspec.resolution"] == "32x32" and meta["modelspec.title"] == "my_likes"
-    fp32 = model.kohya_lora_state_dict(unet)
+    fp32 = frontend_lora.kohya_lora_state_dict(unet)
     nbytes = lambda sd: sum(v.numel() * v.element_size() for k, v in sd.items() if not k.endswith(".alpha"))
     assert 2 * nbytes(load_file(str(out / model.KOHYA_FILE))) == nbytes(fp32)  # half the weights' bytes
     trained = images(tiny_pipe_dir, unet=unet)
@@ -93,7 +94,7 @@ def test_every_kohya_key_names_a_linear_layer_of_the_unet(request, fixture):
     from diffusers import UNet2DConditionModel
     tiny_pipe_dir = request.getfixturevalue(fixture)
     rank = 4
-    kohya = model.kohya_lora_state_dict(lora_unet(tiny_pipe_dir, rank=rank, alpha=rank))
+    kohya = frontend_lora.kohya_lora_state_dict(lora_unet(tiny_pipe_dir, rank=rank, alpha=rank))
     # ComfyUI's model_lora_keys_unet names a layer "lora_unet_" + its diffusers key without ".weight", dots to
     # underscores; the same rule over the module paths of a plain UNet, with no adapters, gives every name
     plain = UNet2DConditionModel.from_pretrained(tiny_pipe_dir, subfolder="unet")
