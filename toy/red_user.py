@@ -40,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="toy/data/feedback", help="output folder")
     p.add_argument("--n", type=int, default=512, help="base samples; each gives one liked, one disliked image, one pair")
     p.add_argument("--boost", type=float, default=0.3, help="red boost: R <- min(255, (1 + boost) * R)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the base samples")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps of the base samples (the base's own scheduler: DDIM for the toy base)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of the base samples")
     p.add_argument("--batch", type=int, default=64, help="samples per pipeline call")
     p.add_argument("--seed", type=int, default=0, help="seed of captions, sampling noise, sides and uids")
@@ -136,9 +136,12 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
     t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(args.base, safety_checker=None, requires_safety_checker=False)
+    if DiffusionPipeline.load_config(args.base)["_class_name"] == "StableDiffusionPipeline":  # the toy base
+        pipe = StableDiffusionPipeline.from_pretrained(args.base, safety_checker=None, requires_safety_checker=False)
+    else:  # another family's pipeline, e.g. the toy flow base (StableDiffusion3Pipeline), with its own sampler
+        pipe = DiffusionPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(args.seed)
     captions = [random_scene(rng)[1] for _ in range(args.n)]  # the world's caption distribution
@@ -155,7 +158,8 @@ def main(argv=None):
     red_orig = np.mean([redness(im) for im in originals])
     red_boost = np.mean([redness(im) for im in boosted])
     print(f"sampled {len(originals)} images from {args.base} in {t_sample:.0f}s "
-          f"({len(set(captions))} distinct captions, DDIM {args.steps} steps, guidance {args.guidance})")
+          f"({len(set(captions))} distinct captions, {type(pipe.scheduler).__name__.removesuffix('Scheduler')} "
+          f"{args.steps} steps, guidance {args.guidance})")
     print(f"mean redness: originals {red_orig:.4f}, red-boosted {red_boost:.4f}")
     print(f"kto: {len(boosted)} liked + {len(originals)} disliked images with .txt captions in {args.out}/kto")
     print(f"dpo: {len(captions)} pairs in {parquet} (winner is image 0 in {n_first}, image 1 in "
