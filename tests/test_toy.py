@@ -2,7 +2,7 @@
 its feedback files. Nothing here trains the real toy base (see the slow test at the end).
 
     python -m pytest -q tests/test_toy.py                 # 3.5 CPU-minutes (18 min wall at load ~9)
-    python -m pytest -q tests/test_toy.py -m slow         # the base-model script end to end: 6 min, the real bar
+    python -m pytest -q tests/test_toy.py -m slow         # both base-model scripts end to end: 6 + 5 min, the real bars
 """
 import io
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toy import gaussian2d, make_base, red_user
+from toy import gaussian2d, make_base, make_flow_base, red_user
 from toy.palette import caption_color, dominant_color, redness
 
 
@@ -124,3 +124,31 @@ def test_make_base_reaches_the_bar_and_writes_a_loadable_pipeline(tmp_path):
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the toy latents, not SD's
     image = pipe("a red circle", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (32, 32)
+
+
+def test_flow_base_learns_and_writes_a_pipeline_the_red_user_and_sd3_take(tmp_path):
+    """make_flow_base at a 25th of its steps: the flow-matching loss (velocity errors, as the trainers draw them)
+    falls well below where it starts, the result is an SD3 pipeline with SD3's latent convention measured on the toy
+    latents, and the red user samples it with its own flow scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    out = tmp_path / "flow_base"
+    args = ["--out", str(out), "--n_images", "256", "--vae_steps", "10", "--check_n", "2", "--check_steps", "2",
+            "--threads", "1", "--quiet"]
+    first = make_flow_base.main(args + ["--steps", "1"])["transformer_loss"]  # the loss of the random transformer
+    summary = make_flow_base.main(args + ["--steps", "60"])  # measured: 4.48 -> 2.34
+    assert summary["transformer_loss"] < 0.8 * first, (first, summary["transformer_loss"])
+    assert json.loads((out / "toy_base.json").read_text())["args"]["steps"] == 60
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out))
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    assert pipe.vae.config.shift_factor not in (None, 0.0609) and pipe.vae.config.scaling_factor != 1.5305
+    fb = red_user.main(["--base", str(out), "--out", str(tmp_path / "feedback"), "--n", "2", "--steps", "2",
+                        "--batch", "2", "--quiet"])
+    assert fb["n_pairs"] == 2 and fb["redness_boosted"] > fb["redness_original"]
+
+
+@pytest.mark.slow
+def test_make_flow_base_reaches_the_bar(tmp_path):
+    """The flow base as runs/toy.sh (FAMILY=sd3) builds it: at least 80% of its check samples have the caption's
+    color (measured 87.5%)."""
+    summary = make_flow_base.main(["--out", str(tmp_path / "flow_base"), "--threads", "2", "--quiet"])
+    assert summary["color_accuracy"] >= 0.80, summary

@@ -35,27 +35,33 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 SIZE_WORDS = {"small": (5.0, 7.0), "big": (9.0, 12.0)}  # shape radius in pixels of a 32x32 image
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="toy/data/base", help="output folder (diffusers layout)")
+def world_parser(doc, out):
+    """The flags every toy base shares (the world, its VAE, the color check, the run); each base adds its denoiser's."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="output folder (diffusers layout)")
     p.add_argument("--n_images", type=int, default=8192, help="rendered training scenes")
     p.add_argument("--vae_steps", type=int, default=500, help="autoencoder training steps")
-    p.add_argument("--unet_steps", type=int, default=1800,
-                   help="UNet training steps (1800 gave 86%% on the color check in 411 s; with 8 attention heads, "
-                        "0.31 s/step instead of 0.23, 1300 gave 71%% and 2400 gave 97%%)")
-    p.add_argument("--batch", type=int, default=64, help="images per UNet step")
     p.add_argument("--vae_batch", type=int, default=32, help="images per autoencoder step")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="AdamW learning rate of the autoencoder")
-    p.add_argument("--unet_lr", type=float, default=1e-3, help="AdamW learning rate of the UNet")
     p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term (SD's is as small)")
     p.add_argument("--caption_dropout", type=float, default=0.1, help="share of captions replaced by '' (for CFG)")
     p.add_argument("--check_n", type=int, default=72, help="samples of the color check (two per color x shape)")
-    p.add_argument("--check_steps", type=int, default=20, help="DDIM steps of the color check")
+    p.add_argument("--check_steps", type=int, default=20, help="sampling steps of the color check")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the check")
     p.add_argument("--seed", type=int, default=0, help="seed of rendering, initialisation and training")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is faster on a machine busy with other jobs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def get_args(argv=None):
+    p = world_parser(__doc__, "toy/data/base")
+    p.add_argument("--unet_steps", type=int, default=1800,
+                   help="UNet training steps (1800 gave 86%% on the color check in 411 s; with 8 attention heads, "
+                        "0.31 s/step instead of 0.23, 1300 gave 71%% and 2400 gave 97%%)")
+    p.add_argument("--batch", type=int, default=64, help="images per UNet step")
+    p.add_argument("--unet_lr", type=float, default=1e-3, help="AdamW learning rate of the UNet")
     return p.parse_args(argv)
 
 
@@ -225,22 +231,49 @@ def save_grid(images, path, cols=12):
 
 # ------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    args = get_args(argv)
+def start(args):
+    """Threads and seeds, then the rendered world: images (N, 3, 32, 32) in [-1, 1], their captions, the distinct
+    captions sorted, the generator every later draw takes, and the timings dict with the render's time."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    timings, t_start = {}, time.time()
-
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
     scenes = [random_scene(rng) for _ in range(args.n_images)]
     images = to_tensor([im for im, _ in scenes])  # (N, 3, 32, 32)
     captions = [c for _, c in scenes]
     unique = sorted(set(captions))
-    timings["render"] = time.time() - t0
+    timings = {"render": time.time() - t0}
     print(f"rendered {len(scenes)} scenes, {len(unique)} distinct captions, in {timings['render']:.1f}s")
+    return images, captions, unique, gen, timings
+
+
+def finish(pipe, args, timings, t_start, sampler, summary):
+    """Save the pipeline, run the color check with its own scheduler, write samples.png and, last, toy_base.json
+    (its presence means the base is complete: runs/toy.sh tests for it)."""
+    pipe.save_pretrained(args.out, safe_serialization=True)
+
+    t0 = time.time()
+    prompts = (check_prompts() * (args.check_n // len(check_prompts()) + 1))[:args.check_n]
+    accuracy, samples = color_check(pipe, prompts, args.check_steps, args.guidance, args.seed + 1000)
+    timings["check"] = time.time() - t0
+    save_grid(samples, os.path.join(args.out, "samples.png"))
+    print(f"color check: {accuracy:.1%} of {len(prompts)} samples have the caption's color "
+          f"({sampler} {args.check_steps} steps, guidance {args.guidance}; target >= 80%) in {timings['check']:.0f}s")
+    timings["total"] = time.time() - t_start
+    print(f"total {timings['total'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
+          f"saved to {args.out}, sample grid {os.path.join(args.out, 'samples.png')}")
+    summary = {"color_accuracy": accuracy, **summary, "timings_s": timings, "args": vars(args)}
+    with open(os.path.join(args.out, "toy_base.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t_start = time.time()
+    images, captions, unique, gen, timings = start(args)
 
     pipe = build_pipeline(args.out, size="toy", seed=args.seed)  # random weights, SD1.5 scheduler settings
     pipe.set_progress_bar_config(disable=True)
@@ -271,24 +304,7 @@ def main(argv=None):
     timings["unet"] = time.time() - t0
     print(f"unet: {args.unet_steps} steps of {args.batch} in {timings['unet']:.0f}s, last loss {unet_loss:.4f}")
 
-    pipe.save_pretrained(args.out, safe_serialization=True)
-
-    t0 = time.time()
-    prompts = (check_prompts() * (args.check_n // len(check_prompts()) + 1))[:args.check_n]
-    accuracy, samples = color_check(pipe, prompts, args.check_steps, args.guidance, args.seed + 1000)
-    timings["check"] = time.time() - t0
-    save_grid(samples, os.path.join(args.out, "samples.png"))
-    print(f"color check: {accuracy:.1%} of {len(prompts)} samples have the caption's color "
-          f"(DDIM {args.check_steps} steps, guidance {args.guidance}; target >= 80%) in {timings['check']:.0f}s")
-    timings["total"] = time.time() - t_start
-    print(f"total {timings['total'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
-          f"saved to {args.out}, sample grid {os.path.join(args.out, 'samples.png')}")
-    summary = {"color_accuracy": accuracy, "vae_mse": vae_mse, "unet_loss": unet_loss, "timings_s": timings,
-               "args": vars(args)}
-    # written last: its presence means the base is complete (runs/toy.sh can test for it)
-    with open(os.path.join(args.out, "toy_base.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    return finish(pipe, args, timings, t_start, "DDIM", {"vae_mse": vae_mse, "unet_loss": unet_loss})
 
 
 if __name__ == "__main__":
