@@ -1,5 +1,5 @@
 """The scorers of the evaluation protocol: PickScore, CLIP score, the LAION aesthetic predictor, HPSv2,
-ImageReward, and any function of yours.
+ImageReward, HPSv3 (7B: a GPU's), and any function of yours.
 
     scorers = load_scorers(["pickscore", "clip", "mypkg.rewards:sharpness"], args, device)
     # {name: score(images, prompts) -> (N,)}
@@ -82,10 +82,10 @@ def clip_scores(model, processor, images, prompts, batch_size=32):
 
 
 # ------------------------------------------------------------------------------------------------
-# scorers: each is loaded once, then score(images, prompts) -> (N,) numpy array per batch. The models of HPSv2
-# and ImageReward, and the key maps from their official checkpoints, are in reward_models.py
+# scorers: each is loaded once, then score(images, prompts) -> (N,) numpy array per batch. The models of HPSv2,
+# ImageReward and HPSv3, and the key maps from their official checkpoints, are in reward_models.py
 
-SCORERS = ["pickscore", "clip", "aesthetic", "hpsv2", "imagereward"]  # and module:function, your own
+SCORERS = ["pickscore", "clip", "aesthetic", "hpsv2", "imagereward", "hpsv3"]  # and module:function, your own
 
 
 def load_weights(spec):
@@ -103,7 +103,10 @@ def load_weights(spec):
             fail(f"cannot download {filename} from {repo}: {type(e).__name__} (offline? pass a file)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # a cut download, or another format under the name
+            fail(f"{path} is not a readable safetensors file ({one_line(e)})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -117,10 +120,12 @@ def is_hub_or_folder(spec):
 
 
 def state_dict_of(spec):
-    """load_weights(spec), unwrapped from the {'state_dict': ...} that HPS and open_clip training checkpoints use."""
+    """load_weights(spec), unwrapped from the {'state_dict': ...} that HPS and open_clip training checkpoints use
+    (or the {'model': ...} of HPSv3's)."""
     state = load_weights(spec)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         fail(f"{spec}: not a state dict of tensors")
     return state
@@ -169,6 +174,39 @@ def load_imagereward(weights, tokenizer, device):
     vocab = model.text.config.vocab_size
     if len(tok) > vocab:
         fail(f"imagereward: tokenizer {tokenizer!r} has {len(tok)} tokens, the checkpoint embeds {vocab}")
+    return model.to(device), tok
+
+
+def load_hpsv3(weights, base, device):
+    """HPSv3 as (HPSv3Model, tokenizer) from the official HPSv3.safetensors (a file or 'repo:filename', default
+    MizzenAI/HPSv3:HPSv3.safetensors) and the config and tokenizer of Qwen2-VL-7B-Instruct, which it was trained from
+    (`base`: hub id or folder; its weights are not read). bf16 on a GPU as the original (the head in float32), float32
+    on the CPU, where the 7B model takes about 31 GB (computed) and far longer an image: it is a GPU's scorer."""
+    from transformers import AutoConfig, AutoTokenizer
+    hint = "want HPSv3.safetensors (MizzenAI/HPSv3 on the hub) and --hpsv3_base Qwen/Qwen2-VL-7B-Instruct"
+    check_model_path(base, "hpsv3: base model folder", "a folder or a hub id like Qwen/Qwen2-VL-7B-Instruct")
+    try:
+        config, tok = AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    except Exception as e:
+        fail(f"hpsv3: cannot load the config and tokenizer of {base!r}: {one_line(e)}")
+    if config.model_type != "qwen2_vl":
+        fail(f"hpsv3: {base} is a {config.model_type} model, not Qwen2-VL; {hint}")
+    state = state_dict_of(weights)
+    if not reward_models.is_hpsv3_state(state):
+        fail(f"hpsv3: {weights} is not an HPSv3 checkpoint (no visual.* / model.* / rm_head.* weights); {hint}")
+    tok = reward_models.hpsv3_tokenizer(tok)
+    reward_id = tok.convert_tokens_to_ids(reward_models.REWARD_TOKEN)
+    if tok.convert_tokens_to_ids("<|image_pad|>") != config.image_token_id:
+        fail(f"hpsv3: the tokenizer of {base} does not match its config "
+             f"(<|image_pad|> is not token {config.image_token_id})")
+    if reward_id != state["model.embed_tokens.weight"].shape[0] - 1:  # the original resizes to len(tokenizer)
+        fail(f"hpsv3: {reward_models.REWARD_TOKEN} is token {reward_id} of {base}'s tokenizer, but the checkpoint "
+             f"embeds {state['model.embed_tokens.weight'].shape[0]} tokens; {hint}")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:  # (state is emptied as its weights are cast: the checkpoint's copy freed on the way)
+        model = reward_models.hpsv3_from_checkpoint(state, config, reward_id, dtype)
+    except (ValueError, KeyError, RuntimeError) as e:
+        fail(f"hpsv3: {weights}: {one_line(e)}; {hint}")
     return model.to(device), tok
 
 
@@ -231,6 +269,11 @@ def load_scorer(name, args, device, clip):
         # modules (reward_models.py); (raw - 0.16717) / 1.03334, so about 0 on average over its training images
         model, tokenizer = load_imagereward(args.imagereward_weights, args.imagereward_tokenizer, device)
         return lambda images, prompts: reward_models.imagereward_scores(model, tokenizer, images, prompts).numpy()
+    if name == "hpsv3":
+        # HPSv3 (Ma et al. 2025): Qwen2-VL-7B reads the image and an instruction holding the prompt; an MLP on the
+        # hidden state of its <|Reward|> token gives (mu, sigma) and the score is mu (reward_models.py). A GPU's scorer
+        model, tokenizer = load_hpsv3(args.hpsv3_weights, args.hpsv3_base, device)
+        return lambda images, prompts: reward_models.hpsv3_scores(model, tokenizer, images, prompts).numpy()
     return load_function(name)
 
 
@@ -269,6 +312,10 @@ SCORER_FLAGS = {
                             "ImageReward: the official ImageReward.pt, a file or repo:filename"),
     "imagereward_tokenizer": ("google-bert/bert-base-uncased",
                               "ImageReward's tokenizer (bert-base-uncased): hub id or folder"),
+    "hpsv3_weights": ("MizzenAI/HPSv3:HPSv3.safetensors",
+                      "HPSv3: the official HPSv3.safetensors, a file or repo:filename"),
+    "hpsv3_base": ("Qwen/Qwen2-VL-7B-Instruct",
+                   "HPSv3's base model, for its config and tokenizer only (hub id or folder; its weights are not read)"),
 }
 
 
@@ -296,3 +343,16 @@ def load_scorers(names, args, device):
     if not names:
         fail("no scorer given")
     return {scorer_name(n): load_scorer(n, args, device, clip) for n in names}
+
+
+@functools.lru_cache(maxsize=None)
+def default_hpsv3():
+    """HPSv3 with SCORER_FLAGS' defaults (the hub's files, or the hub cache's) on the first GPU, else the CPU."""
+    return load_hpsv3(SCORER_FLAGS["hpsv3_weights"][0], SCORER_FLAGS["hpsv3_base"][0],
+                      "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hpsv3(images, prompts):
+    """HPSv3's score as a plain function, loaded on first call: `filter_fifa.py --reward_model scorers:hpsv3` takes it
+    as FiFA's proxy reward this way (evaluate.py and online_kto.py take the named scorer `hpsv3` and its flags)."""
+    return reward_models.hpsv3_scores(*default_hpsv3(), images, prompts).numpy()
