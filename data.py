@@ -8,9 +8,10 @@ Images are referenced, not loaded: a file path, or (parquet file, row, column) f
 (cache.py), which is where latents and text embeddings are made.
 
 This file holds Feedback, the local formats (JSONL pairs, liked/ and disliked/ folders, metadata files,
-captions beside images, the Diffusion-KTO authors' CSV), decoding and reading images in batches. The public datasets (Pick-a-Pic v2,
-HPDv2), the hub download and load_pairs/load_singles, which detect the layout of --data and call the
-right reader, live in public_data.py: it imports this file, never the other way round.
+captions beside images, the Diffusion-KTO authors' CSV), decoding and reading images in batches. The public datasets'
+readers (Pick-a-Pic v2, HPDv2, HPDv3, ImageRewardDB, Rapidata) and the hub download live in public_readers.py, and
+load_pairs/load_singles, which detect the layout of --data and call the right reader, in public_data.py: both import
+this file, never the other way round.
 """
 import io
 import json
@@ -32,6 +33,7 @@ class Feedback:
     paths: list = None  # image i -> file path, for folder/JSONL data
     parquet_files: list = None  # for Pick-a-Pic data: image i -> (parquet_files[file[i]], row[i], column col[i])
     row_groups: list = None  # for Pick-a-Pic data: the row-group sizes of each parquet file
+    image_columns: tuple = ("jpg_0", "jpg_1")  # parquet data: the columns holding a row's two images (col 0, col 1)
     file: np.ndarray = None
     row: np.ndarray = None
     col: np.ndarray = None
@@ -40,6 +42,9 @@ class Feedback:
     loser: np.ndarray = None  # pairs: (N,) image index of the rejected image
     image: np.ndarray = None  # singles: (N,) image index
     label: np.ndarray = None  # singles: (N,) +1 liked, -1 disliked
+    vote_share: np.ndarray = None  # pairs, where the data counts votes: (N,) share of the votes for the winner
+                                   # (0.5-1 where the winner is the majority's choice; NaN for a pair without counts):
+                                   # the human margin filter_fifa.py can use
     skipped: dict = field(default_factory=dict)  # reason -> count
     source: str = ""
     notes: dict = field(default_factory=dict)  # what -> count: choices made at load time that are not skips
@@ -57,7 +62,8 @@ class Feedback:
 
     def summary(self, what="pairs"):
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-        labels = f"; {self.label_counts()}" if self.label is not None else ""
+        notes = "".join(f"; {k}: {v}" for k, v in sorted(self.notes.items()))  # pairs: load-time notes (singles: below)
+        labels = f"; {self.label_counts()}" if self.label is not None else notes
         # captions and images that the kept rows use (a skipped row's caption or image is not counted)
         used = [a for a in (self.winner, self.loser, self.image) if a is not None]
         images = len(np.unique(np.concatenate(used))) if used else 0
@@ -73,26 +79,31 @@ class Feedback:
         """Where image i comes from, for an error message."""
         if self.paths is not None:
             return self.paths[i]
-        return f"{self.parquet_files[self.file[i]]} row {self.row[i]} jpg_{self.col[i]}"
+        return f"{self.parquet_files[self.file[i]]} row {self.row[i]} {self.image_columns[self.col[i]]}"
 
     def keep(self, mask, reason):
         """Drop the feedback rows where mask is False, counting them under `reason`."""
         mask = np.asarray(mask, dtype=bool)
         self.skip(reason, int((~mask).sum()))
-        for name in ("caption_idx", "winner", "loser", "image", "label"):
+        for name in ("caption_idx", "winner", "loser", "image", "label", "vote_share"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[mask])
 
 
 # ------------------------------------------------------------------------------------------------
-# pairs: a JSONL of {"caption", "chosen", "rejected"} image paths (the public datasets: public_data.py)
+# pairs: a JSONL of {"caption", "chosen", "rejected"} image paths (the public datasets: public_readers.py)
 
 def load_pairs_jsonl(path):
     """One JSON object a line: {"caption": str, "chosen": image path, "rejected": image path}; paths
-    relative to the JSONL file's folder. The simple format for a user's own pairs."""
+    relative to the JSONL file's folder. The simple format for a user's own pairs.
+
+    Optional "chosen_votes", "rejected_votes": how many people (or how much vote weight) preferred each image.
+    They give fb.vote_share = chosen / (chosen + rejected), NaN on a line without them (fb.vote_share stays
+    None when no line has them); filter_fifa.py --margin_source human ranks pairs by it. A share below 0.5
+    is kept: "chosen" is then a label most voters disagree with."""
     root = os.path.dirname(os.path.abspath(path))
     fb = Feedback(captions=[], paths=[], source=path)
-    cap_id, img_id, cap, win, lose = {}, {}, [], [], []
+    cap_id, img_id, cap, win, lose, share = {}, {}, [], [], [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -102,6 +113,9 @@ def load_pairs_jsonl(path):
                 caption, chosen, rejected = rec["caption"], rec["chosen"], rec["rejected"]
             except (ValueError, KeyError, TypeError) as e:
                 fail(f"{path}:{n}: expected a JSON object with caption, chosen, rejected ({e})")
+            votes = [rec.get("chosen_votes"), rec.get("rejected_votes")]
+            if votes != [None, None] and not (all(isinstance(v, (int, float)) and v >= 0 for v in votes) and sum(votes) > 0):
+                fail(f"{path}:{n}: chosen_votes and rejected_votes must both be numbers >= 0, not both 0 (got {votes})")
             if not caption or not str(caption).strip():
                 fb.skip("no caption"); continue
             if chosen == rejected:
@@ -112,8 +126,11 @@ def load_pairs_jsonl(path):
             ids = [img_id.setdefault(p, len(img_id)) for p in paths]
             cap.append(cap_id.setdefault(caption, len(cap_id)))
             win.append(ids[0]); lose.append(ids[1])
+            share.append(votes[0] / sum(votes) if votes != [None, None] else np.nan)
     fb.captions, fb.paths = list(cap_id), list(img_id)
     fb.caption_idx, fb.winner, fb.loser = np.array(cap, np.int64), np.array(win, np.int64), np.array(lose, np.int64)
+    if not np.isnan(share).all():  # (an empty list is all NaN too: no counts, no vote_share)
+        fb.vote_share = np.array(share, np.float64)
     return fb
 
 
@@ -153,8 +170,8 @@ def read_images(fb, indices):
         at.setdefault(int(offsets[fb.file[i]] + fb.row[i]), []).append(k)
     wanted = np.zeros(offsets[-1], bool)
     wanted[list(at)] = True
-    for start, batch in pickapic_batches(fb.parquet_files, fb.row_groups, wanted, ["jpg_0", "jpg_1"]):
-        cols = (batch.column("jpg_0"), batch.column("jpg_1"))
+    for start, batch in pickapic_batches(fb.parquet_files, fb.row_groups, wanted, list(fb.image_columns)):
+        cols = [batch.column(c) for c in fb.image_columns]
         for r in np.flatnonzero(wanted[start:start + batch.num_rows]):
             for k in at[start + int(r)]:
                 out[k] = decode(cols[int(fb.col[indices[k]])][int(r)].as_py())
@@ -171,6 +188,13 @@ def decode(src):
         return img.convert("RGB")
     except Exception:  # unreadable: the caller counts it and reports it
         return None
+
+
+def index_prompts(captions):
+    """A Pick-a-Pic caption column (pyarrow) -> (unique prompts in order of first appearance, (N,) int64 index of
+    each pair's prompt); filter_fifa.py's prompts, each embedded and rated once."""
+    enc = captions.combine_chunks().fill_null("").dictionary_encode()
+    return enc.dictionary.to_pylist(), enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def pickapic_pair_images(files, groups, batch_rows=1024):

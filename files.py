@@ -1,6 +1,6 @@
 """The two small habits every script here keeps: one-line errors instead of tracebacks, and files that are whole
-or absent (written under a temporary name, made durable, renamed). No torch at import: label.py's page and the
-data readers use these without loading it.
+or absent (written under a temporary name, made durable, renamed); and filter_fifa.py's chunked caches, named after
+what produced them. No torch at import: label.py's page and the data readers use these without loading it.
 """
 import hashlib
 import json
@@ -86,3 +86,46 @@ def check_model_path(name, what="model", expected="a diffusers pipeline folder o
     say so in one line instead of asking the hub for it."""
     if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         fail(f"{what} not found: {name} (expected {expected})")
+
+
+# ------------------------------------------------------------------------------------------------
+# caches (filter_fifa.py's scores): one file per chunk of rows, named after what produced them
+
+def short_hash(*parts):
+    """A short hash of anything JSON-serialisable: names cache files after what produced them."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_identity(path):
+    """Path, size and modification time: a changed or replaced file gets a new cache key."""
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
+def model_identity(name):
+    """A local model folder is identified by its files (retrained in place = new key); a hub id by its name."""
+    return [file_identity(os.path.join(name, f)) for f in sorted(os.listdir(name))] if os.path.isdir(name) else name
+
+
+def read_chunks(folder, key, n):
+    """What a run, maybe killed, left in a chunked cache: ({first row: array}, (n,) bool rows they cover).
+
+    One safetensors file per chunk, rows-<first row>.safetensors, written whole by save_chunk (a killed
+    write leaves a .tmp file that is never read), so a rerun computes only the rows no file covers."""
+    import numpy as np
+    from safetensors.numpy import load_file  # numpy arrays, no torch
+    os.makedirs(folder, exist_ok=True)
+    cached = {int(f[5:-12]): load_file(os.path.join(folder, f))[key]
+              for f in os.listdir(folder) if f.startswith("rows-") and f.endswith(".safetensors")}
+    done = np.zeros(n, bool)
+    for start, values in cached.items():
+        done[start:start + len(values)] = True
+    return cached, done
+
+
+def save_chunk(folder, key, start, values):
+    """One chunk of a cache (values: a numpy array of its rows), whole or absent."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    with atomic_path(os.path.join(folder, f"rows-{start:010d}.safetensors")) as tmp:
+        save_file({key: np.ascontiguousarray(values)}, tmp)

@@ -2,6 +2,7 @@
 
     python filter_fifa.py --data PICKAPIC_PARQUET --out SUBSET.parquet --k 5000 [--alpha A --gamma G ...]
     python filter_fifa.py --data HPDv2/ --out SUBSET.parquet (or SUBSET.jsonl) --k 5000
+    python filter_fifa.py --data PAIRS_WITH_VOTES --out SUBSET.parquet --k 5000 --margin_source human
 
 FiFA maximises over subsets S of K pairs: the sum of preference margins + alpha * the sum of prompt
 qualities + gamma * the entropy of S's prompt embeddings. Estimated once over the whole set
@@ -17,14 +18,23 @@ prompt kept (--max_per_prompt); the defaults below say why.
          probabilities of the digits (one forward pass, no sampling)
   rho_k  distance from c's normalised text embedding to its k-th nearest OTHER unique prompt
 
+The margin's source (--margin_source): the paper uses a proxy R only because Pick-a-Pic's labels are binary. Where
+several people voted on a pair (HPDv3's choice_dist, Rapidata's weighted shares, JSONL chosen_votes/rejected_votes),
+the votes estimate m_i: human m_i = log(p~ / (1 - p~)), p~ = (1 - s) p_i + s/2, p_i the share of the votes for x_w;
+both m_i = z(proxy m_i) + z(human m_i). Why the log-odds: under Bradley-Terry (how PickScore-like rewards are trained)
+a voter prefers x_w with probability sigmoid(R(c, x_w) - R(c, x_l)), so logit(p) estimates that margin (p = 0.9 is
+2.2, 0.99 is 4.6). Why smoothed (s = 0.1): p = 1 would be infinite; a tenth of the way to 1/2 keeps the order and,
+for 9 voters, is the empirical logit log((c + 1/2) / (r + 1/2)). A share below 1/2 sinks (signed) or is relabelled
+(absolute). No counts: not eligible (human), human term 0 (both). Tied shares are ordered by quality, diversity (and
+the proxy, with both), else input order. human opens no image; a CLIP --reward_model then only embeds prompts.
+
 Read top to bottom: the method (the three scores and the selection, pure functions, these equations beside
-them); the I/O (caches, the proxy reward of both images of every pair, cached in chunks and resumable, each
-unique prompt embedded and rated once); main, one named step per stage. Pick-a-Pic parquet is streamed (its
-335 GB are read chunk by chunk, twice), its kept rows keep every column; any other source that
-public_data.load_pairs reads (HPDv2, a JSONL of pairs) is written as Pick-a-Pic-schema parquet (JPEG bytes
-inside, the winner as jpg_0) or, for --out *.jsonl, as JSONL pairs. Both add fifa_* columns; train_dpo.py reads
-either. Caches are keyed by the data files and the model: a rerun with other --alpha/--gamma/--k scores nothing
-again, and a stale cache is never read.
+them); the I/O (the proxy reward of both images of every pair, cached in chunks and resumable, each unique prompt
+embedded and rated once); main, one step per stage. Pick-a-Pic parquet is streamed (335 GB read chunk by chunk,
+twice), its kept rows keep every column; any other source that public_data.load_pairs reads (HPDv2, HPDv3,
+ImageRewardDB, Rapidata, a JSONL of pairs) is written as Pick-a-Pic-schema parquet (JPEG bytes inside, the winner as
+jpg_0) or, for --out *.jsonl, as JSONL pairs. Both add fifa_* columns; train_dpo.py reads either. Caches are keyed
+by the data files and the model: a rerun with other --alpha/--gamma/--k scores nothing again, nor reads a stale cache.
 
 Defaults the paper leaves open, and why:
 - each term z-normalised (mean 0, std 1): PickScore units, 0-10 ratings and log distances have unrelated
@@ -49,8 +59,6 @@ Defaults the paper leaves open, and why:
 import argparse
 import functools
 import glob
-import hashlib
-import json
 import os
 from types import SimpleNamespace
 
@@ -62,13 +70,15 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from common import PRECISIONS, resolve_precision
-from files import atomic_path, fail, one_line, save_safetensors
-from data import feedback_pair_images, pickapic_pair_images
-from public_data import (hpdv2_file, load_pairs, pairs_format, pairs_identity, parquet_files, read_pickapic,
-                         write_pairs, write_pickapic_subset)
+from files import (atomic_path, fail, file_identity, model_identity, one_line, read_chunks, save_chunk,
+                   save_safetensors, short_hash)
+from data import feedback_pair_images, index_prompts, pickapic_pair_images
+from public_data import (hpdv2_file, imagerewarddb_files, load_pairs, pairs_format, pairs_identity, parquet_files,
+                         read_pickapic, write_pairs, write_pickapic_subset)
 from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, is_function, load_clip, load_function
 
 CHUNK_ROWS = 1024  # pairs (or prompts) per cache file: the most scoring work an interruption can lose
+VOTE_SMOOTHING = 0.1  # s: vote shares pulled this far to 1/2 before the log-odds (the docstring says why)
 QUALITY_PROMPT = ("Rate this text-to-image prompt from 0 to {top}. Rate high a clear prompt with concrete "
                   "visual detail, low an unclear, meaningless or harmful one.\nPrompt: {prompt}\n"
                   "Answer with a single number.")
@@ -92,6 +102,20 @@ def preference_margin(rewards, human_w, eligible, mode="signed"):
     margin = r_w - r_l if mode == "signed" else np.abs(r_w - r_l)
     swap = eligible & (proxy_w != human_w) & (mode == "absolute")
     return margin, proxy_w, swap
+
+
+def human_margin(vote_share, smoothing=VOTE_SMOOTHING):
+    """(N,) m_i = log(p~ / (1 - p~)), p~ = (1 - s) p_i + s / 2: the margin the (N,) vote shares p_i estimate (NaN stays)."""
+    p = (1 - smoothing) * np.asarray(vote_share, np.float64) + smoothing / 2
+    return np.log(p / (1 - p))
+
+
+def combined_margin(proxy, human, eligible):
+    """both: z(proxy m_i) + z(human m_i) over the eligible pairs (equal weight in any units); no counts: human term 0."""
+    out, has = np.zeros(len(proxy)), eligible & ~np.isnan(human)
+    out[eligible] = zscore(proxy[eligible])
+    out[has] += zscore(human[has])
+    return out
 
 
 def expected_rating(logits, digits):
@@ -186,44 +210,6 @@ def select(margin, eligible, pid, quality, diversity, k, alpha, gamma, max_per_p
         fail(f"--k {k} but only {len(order):,} pairs are eligible (after dropping ties, unlabelled, corrupt and "
              f"caption-less pairs{f', and {capped:,} over --max_per_prompt' if capped else ''}); scores are cached")
     return order[:k], score, capped
-
-
-# ------------------------------------------------------------------------------------------------
-# caches: one file per chunk of rows, named after what produced it
-
-def short_hash(*parts):
-    """A short hash of anything JSON-serialisable: names cache files after what produced them."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_identity(path):
-    """Path, size and modification time: a changed or replaced file gets a new cache key."""
-    st = os.stat(path)
-    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
-
-
-def model_identity(name):
-    """A local model folder is identified by its files (retrained in place = new key); a hub id by its name."""
-    return [file_identity(os.path.join(name, f)) for f in sorted(os.listdir(name))] if os.path.isdir(name) else name
-
-
-def read_chunks(folder, key, n):
-    """What a run, maybe killed, left in a chunked cache: ({first row: array}, (n,) bool rows they cover).
-
-    One safetensors file per chunk, rows-<first row>.safetensors, written whole by save_chunk (a killed
-    write leaves a .tmp file that is never read), so a rerun computes only the rows no file covers."""
-    os.makedirs(folder, exist_ok=True)
-    cached = {int(f[5:-12]): load_file(os.path.join(folder, f))[key].numpy()
-              for f in os.listdir(folder) if f.startswith("rows-") and f.endswith(".safetensors")}
-    done = np.zeros(n, bool)
-    for start, values in cached.items():
-        done[start:start + len(values)] = True
-    return cached, done
-
-
-def save_chunk(folder, key, start, values):
-    path = os.path.join(folder, f"rows-{start:010d}.safetensors")
-    save_safetensors({key: torch.from_numpy(np.ascontiguousarray(values))}, path)  # whole or absent
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,14 +370,16 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="FiFA: keep the K most informative preference pairs for Diffusion-DPO.")
     p.add_argument("--data", required=True,
                    help="pairs: Pick-a-Pic v2 parquet (a file, a folder searched recursively, a glob or a hub dataset id, "
-                        "its train split; ID:SPLIT for another), or any source train_dpo.py reads (HPDv2, a JSONL of pairs)")
+                        "its train split; ID:SPLIT for another), or any source train_dpo.py reads (HPDv2/v3, Rapidata, JSONL...)")
     p.add_argument("--out", required=True, help="output: the kept rows with fifa_* columns; Pick-a-Pic input keeps its "
                                                 "columns; other input: .parquet in the Pick-a-Pic schema or .jsonl pairs")
     p.add_argument("--k", type=int, default=5000, help="pairs to keep (paper: ~5,000, under 0.5%% of Pick-a-Pic v2)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of prompt quality, in std per std of margin; 0 = off")
     p.add_argument("--gamma", type=float, default=0.5, help="weight of prompt diversity, in std per std of margin; 0 = off")
     p.add_argument("--margin", choices=["signed", "absolute"], default="signed",
-                   help="signed: R(w) - R(l), human labels kept; absolute: |R(0) - R(1)|, pairs relabelled by the proxy")
+                   help="signed: R(w) - R(l), human labels kept; absolute: |R(0) - R(1)|, relabelled by the proxy (or votes)")
+    p.add_argument("--margin_source", choices=["proxy", "human", "both"], default="proxy", help="proxy: the proxy "
+                   "reward's (the paper's); human: log-odds of the vote share (HPDv3, Rapidata, JSONL votes); both: z-sum")
     p.add_argument("--max_per_prompt", type=int, default=2, help="at most this many kept pairs per prompt; 0 = no cap")
     p.add_argument("--knn", type=int, default=5, help="k of the k-th nearest neighbour distance rho_k (>= 1)")
     p.add_argument("--rho_floor", type=float, default=0.01, help="floor of rho_k, a distance between unit vectors (0-2)")
@@ -399,8 +387,7 @@ def parse_args(argv):
                    help="proxy reward: a CLIP hub id or folder, or your own function module:function, f(images, prompts) "
                         "-> one number per image (the toy world: toy.scorers:redness; diversity then needs --embed_model "
                         "or --gamma 0)")
-    p.add_argument("--reward_processor", default=PICKSCORE_PROCESSOR,
-                   help="its processor: a hub id or folder; '' = the model's own")
+    p.add_argument("--reward_processor", default=PICKSCORE_PROCESSOR, help="its processor: a hub id or folder; '' = the model's own")
     p.add_argument("--embed_model", default="", help="CLIP whose text tower embeds prompts for diversity; '' = the reward model")
     p.add_argument("--quality", default="Qwen/Qwen2.5-0.5B-Instruct", help="causal LM (hub id or folder) rating prompts; 'none' = off")
     p.add_argument("--batch_size", type=int, default=32, help="images (or prompts, to embed) per CLIP forward")
@@ -414,13 +401,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.k < 1 or args.knn < 1 or args.max_per_prompt < 0 or args.rho_floor <= 0:
         fail("need --k >= 1, --knn >= 1, --max_per_prompt >= 0 and --rho_floor > 0")
+    if args.margin_source == "both" and args.margin == "absolute":
+        fail("--margin_source both needs --margin signed (absolute relabels by one judge, proxy or votes)")
     return args
-
-
-def index_prompts(captions):
-    """(unique prompts in order of first appearance, (N,) int64 index of each pair's prompt)."""
-    enc = captions.combine_chunks().fill_null("").dictionary_encode()
-    return enc.dictionary.to_pylist(), enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def read_pairs(data, out):
@@ -428,7 +411,8 @@ def read_pairs(data, out):
     n pairs, their unique prompts and (N,) pid into them, the (N,) human winner human_w (0, 1; -1 neither) and
     tie, pair_chunks for score_pairs, data_key for the caches, and files, groups, fb for writing the subset."""
     fb = groups = None
-    if pairs_format(data) == "pickapic":  # streamed (its 335 GB are read chunk by chunk, twice)
+    fmt = pairs_format(data)
+    if fmt == "pickapic":  # streamed (its 335 GB are read chunk by chunk, twice)
         files = parquet_files(data)
         table, groups = read_pickapic(files, ["caption", "label_0", "label_1"], same_schema=True)
         if table.num_rows == 0:
@@ -440,14 +424,15 @@ def read_pairs(data, out):
         human_w = np.where((l0 == 1) & (l1 == 0), 0, np.where((l0 == 0) & (l1 == 1), 1, -1))
         tie = (l0 == 0.5) & (l1 == 0.5)
         pair_chunks, data_key = pickapic_pair_images(files, groups, CHUNK_ROWS), [file_identity(f) for f in files]
-    else:  # HPDv2, a JSONL of pairs: the reader drops and counts ties, missing files, caption-less entries
+    else:  # HPDv2/v3, ImageRewardDB, Rapidata, JSONL: the reader drops and counts ties, missing files, no captions
         if os.path.splitext(out)[1].lower() not in (".parquet", ".jsonl"):
             fail(f"--out {out}: write the subset of {data} as .parquet (Pick-a-Pic schema) or .jsonl (pairs)")
-        fb = load_pairs(data)
-        files = [hpdv2_file(data) or data]  # the annotation file: with the pairs it keys the caches
+        fb = load_pairs(data)  # then the files read (a hub id's parquet files, not its name) key the caches with the pairs
+        files = (parquet_files(data) if fmt == "rapidata" else imagerewarddb_files(data) if fmt == "imagerewarddb"
+                 else [hpdv2_file(data) or data])
         n, prompts, pid = len(fb), list(fb.captions), fb.caption_idx.copy()
         human_w, tie = np.zeros(n, np.int64), np.zeros(n, bool)  # image 0 of a pair is its winner
-        pair_chunks, data_key = feedback_pair_images(fb, CHUNK_ROWS), [file_identity(files[0]), pairs_identity(fb)]
+        pair_chunks, data_key = feedback_pair_images(fb, CHUNK_ROWS), [[file_identity(f) for f in files], pairs_identity(fb)]
         print(f"read {fb.summary('pairs')}")
     if os.path.realpath(out) in {os.path.realpath(f) for f in files}:
         fail(f"--out {out} is one of the input files")
@@ -468,10 +453,11 @@ def usable_pairs(d, data):
         fail(f"no usable pair in {data}: all {d.n:,} are ties, unlabelled or caption-less")
     stats = dict(pairs_in=d.n, ties=int(d.tie.sum()), other_labels=int((~d.tie & (d.human_w < 0)).sum()),
                  no_caption=int((blank & (d.human_w >= 0)).sum()))
-    if not d.streamed:  # what the reader dropped, by its reasons (it read no pair it then skipped as a pair)
-        stats["ties"] = sum(v for k, v in d.fb.skipped.items() if k.startswith("tie"))
-        stats["other_labels"] = sum(d.fb.skipped.values()) - stats["ties"]
-        stats["pairs_in"] = d.n + sum(d.fb.skipped.values())
+    if not d.streamed:  # the pairs the reader dropped, by reason (ImageRewardDB's "image ..." skips are images)
+        skipped = [(k, v) for k, v in d.fb.skipped.items() if not k.startswith("image ")]
+        stats["ties"] = sum(v for k, v in skipped if k.startswith("tie"))
+        stats["pairs_in"] = d.n + sum(v for _, v in skipped)
+        stats["other_labels"] = stats["pairs_in"] - d.n - stats["ties"]
     return need, pid, prompts, stats
 
 
@@ -494,20 +480,23 @@ def print_summary(args, stats, d, cache, eligible, kept, pid, margin, q_pair, d_
         fmt = lambda x: " ".join(f"{v:8.3f}" for v in (x.mean(), x.std(), x.min(), np.median(x), x.max()))
         print(f"{name:<24} all  {fmt(every)}\n{'':<24} kept {fmt(kept)}")
 
+    human, judge = args.margin_source == "human", "the voters' majority" if args.margin_source == "human" else "the proxy"
+    votes = f"no vote counts        {stats['no_votes']:>10,}\n" if args.margin_source != "proxy" else ""
     print(f"pairs in              {stats['pairs_in']:>10,}\n"
           f"ties dropped          {stats['ties']:>10,}\n"
           f"other labels dropped  {stats['other_labels']:>10,}  ({'neither 1/0 nor 0/1' if d.streamed else 'the reasons above'})\n"
           f"no caption dropped    {stats['no_caption']:>10,}\n"
-          f"corrupt image pairs   {stats['corrupt']:>10,}  (skipped: an image missing or not decodable)\n"
+          f"corrupt image pairs   {stats['corrupt']:>10,}  "
+          f"({'not checked: no image opened' if human else 'skipped: an image missing or not decodable'})\n{votes}"
           f"eligible              {int(eligible.sum()):>10,}  over {len(np.unique(pid[eligible])):,} unique prompts; "
-          f"the proxy agrees with the human label on {stats['proxy_agrees']:.1%}\n"
+          f"{judge} agrees with the {'' if human else 'human '}label on {stats['proxy_agrees']:.1%}\n"
           f"over the cap          {stats['capped']:>10,}  (--max_per_prompt {args.max_per_prompt})\n"
           f"kept                  {len(kept):>10,}  over {stats['unique_prompts_kept']:,} unique prompts, "
-          f"{stats['relabelled']:,} relabelled by the proxy -> {args.out}\n"
+          f"{stats['relabelled']:,} relabelled by {judge} -> {args.out}\n"
           f"scored now: {stats['pairs_scored']:,} pairs, {stats['prompts_rated']:,} prompts rated, "
           f"{stats['prompts_embedded']:,} prompts embedded (the rest from {cache})")
     print(f"{'(over pairs)':<24}      {'mean':>8} {'std':>8} {'min':>8} {'median':>8} {'max':>8}")
-    describe(f"margin ({args.margin})", margin[eligible], margin[kept])
+    describe(f"margin ({args.margin}, {args.margin_source})", margin[eligible], margin[kept])
     if args.quality != "none":
         describe("quality (0-10)", q_pair[eligible], q_pair[kept])
     if d_pair is not None:
@@ -529,6 +518,11 @@ def main(argv=None):
     os.makedirs(cache, exist_ok=True)  # not before: a wrong --data leaves no empty cache folder behind
     need, pid, prompts, stats = usable_pairs(d, args.data)
     print(f"{d.n:,} pairs in {len(d.files)} file(s), {len(prompts):,} unique prompts with a usable pair")
+    use_proxy, votes = args.margin_source != "human", getattr(d.fb, "vote_share", None)  # (N,) or None: no counts
+    if args.margin_source != "proxy" and (votes is None or np.isnan(votes[need]).all()):  # before any model loads
+        why = "Pick-a-Pic has one binary label a pair" if d.streamed else "no usable pair has any"
+        fail(f"--margin_source {args.margin_source}: {args.data} has no vote counts ({why}); use --margin_source proxy")
+    stats["no_votes"] = int((need & np.isnan(votes)).sum()) if votes is not None else 0
 
     # --- CLIP, loaded on first use (a fully cached rerun loads no model at all), and its text embeddings
     @functools.lru_cache(maxsize=None)
@@ -540,24 +534,28 @@ def main(argv=None):
         return text_embeddings(prompts, lambda: clip(name, processor), os.path.join(cache, f"text-{key}"),
                                args.batch_size)
 
-    # --- margin: the proxy reward of both images of every usable pair (cached per chunk)
+    # --- margin: the proxy reward of both images of every usable pair (cached per chunk), and/or the votes
     reward = (args.reward_model, args.reward_processor)
+    reward_text, embedded = None, 0
     if is_function(args.reward_model):  # your own reward (the toy world's red user): no text tower
         if args.gamma and not args.embed_model:
             fail(f"--reward_model {args.reward_model} has no text tower for the diversity term: pass --embed_model "
                  f"(a CLIP) or --gamma 0")
-        reward_text, embedded, fn = None, 0, load_function(args.reward_model)  # a wrong name stops here, not later
+        fn = load_function(args.reward_model) if use_proxy else None  # a wrong name stops here, not later
         load_reward = lambda: function_reward(fn, prompts)
-    else:
+    elif use_proxy or (args.gamma and not args.embed_model):  # the CLIP's text tower: its reward, or the embedder
         reward_text, embedded = text(*reward)
         load_reward = lambda: clip_reward(*clip(*reward), reward_text, args.batch_size)
-    key = short_hash("reward", d.data_key, *map(model_identity, reward), str(dtype))
-    rewards, stats["pairs_scored"] = score_pairs(d.pair_chunks, need, pid, load_reward,
-                                                 os.path.join(cache, f"reward-{key}"))
-    corrupt = need & np.isnan(rewards).any(1)
-    eligible = need & ~corrupt
-    stats["corrupt"] = int(corrupt.sum())
-    margin, proxy_w, swap = preference_margin(rewards, d.human_w, eligible, args.margin)
+    if use_proxy:
+        key = short_hash("reward", d.data_key, *map(model_identity, reward), str(dtype))
+        rewards, stats["pairs_scored"] = score_pairs(d.pair_chunks, need, pid, load_reward, os.path.join(cache, f"reward-{key}"))
+    else:  # the votes as the images' rewards on the Bradley-Terry scale: winner (image 0) logit p~, loser 0
+        rewards, stats["pairs_scored"] = np.stack([human_margin(votes), np.zeros(d.n)], 1).astype(np.float32), 0
+    missing = need & np.isnan(rewards).any(1)  # proxy: a corrupt image; human: no vote counts
+    eligible, stats["corrupt"] = need & ~missing, int(missing.sum()) if use_proxy else 0
+    margin, judge_w, swap = preference_margin(rewards, d.human_w, eligible, args.margin)
+    if args.margin_source == "both":
+        margin = combined_margin(margin, human_margin(votes), eligible)
 
     # --- quality and diversity, once per unique prompt
     quality = np.full(len(prompts), np.nan, np.float32)
@@ -587,11 +585,13 @@ def main(argv=None):
     columns = {"fifa_reward_0": rewards[:, 0], "fifa_reward_1": rewards[:, 1], "fifa_margin": margin.astype(np.float32),
                "fifa_quality": q_pair, "fifa_diversity": d_pair, "fifa_score": score.astype(np.float32),
                "fifa_rank": rank, "fifa_relabelled": swap}
+    if votes is not None:  # the share of the votes for the written winner (a relabelled pair's is 1 - share)
+        columns["fifa_vote_share"] = np.where(swap, 1 - votes, votes)
     write_output(d, args.out, keep, columns, swap, rewards)
 
     # --- summary
     stats.update(kept=len(kept), unique_prompts=len(prompts), unique_prompts_kept=len(np.unique(pid[kept])),
-                 relabelled=int(swap[kept].sum()), proxy_agrees=float((proxy_w == d.human_w)[eligible].mean()))
+                 relabelled=int(swap[kept].sum()), proxy_agrees=float((judge_w == d.human_w)[eligible].mean()))
     print_summary(args, stats, d, cache, eligible, kept, pid, margin, q_pair, d_pair if emb is not None else None)
     return stats
 

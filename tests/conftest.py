@@ -162,3 +162,40 @@ def write_hpdv2(root, corrupt=False):
     with open(os.path.join(root, "test.json"), "w") as f:
         json.dump(test, f)
     return root
+
+
+def write_hpdv3(root, corrupt=False):
+    """A tiny HPDv3 in the layout and schema of its card and the HPSv3 README (hub MizzenAI/HPDv3): train.json, a list
+    of {"prompt", "choice_dist": [votes for path1, votes for path2] or null, "confidence", "path1" (the preferred
+    image), "path2", "model1", "model2"}; test.json the same without choice_dist and confidence; the images under
+    images/, where `cat images.tar.gz.* | gunzip | tar -xv` in the dataset folder puts them. Red images are preferred.
+    train.json: 5 pairs whose images are there (4 with vote counts, the last one 4 to 6 against path1, one without),
+    1 pair by reference to images of another dataset (absent), 1 entry without a caption, 1 with a malformed
+    choice_dist; corrupt: r3.jpg is a truncated JPEG. test.json: 2 pairs."""
+    import json
+    root = str(root)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    images = {"r0": "red", "g0": "green", "r1": "red", "b1": "blue", "r2": "red", "g2": "green", "r3": "red",
+              "g3": "green", "r4": "red", "x0": "red", "x1": "green", "x2": "red"}
+    for k, (name, color) in enumerate(images.items()):
+        data = jpeg(COLORS[color], seed=200 + k)
+        with open(os.path.join(root, "images", name + ".jpg"), "wb") as f:
+            f.write(data[: len(data) // 3] if corrupt and name == "r3" else data)
+    entry = lambda prompt, a, b, votes, m1="flux", m2="infinity": {
+        "prompt": prompt, "choice_dist": votes, "confidence": None if votes is None else 0.99,
+        "path1": a if "/" in a else f"images/{a}.jpg", "path2": b if "/" in b else f"images/{b}.jpg", "model1": m1, "model2": m2}
+    train = [entry("a red square", "r0", "g0", [12, 7]),
+             entry("a red square on blue", "r1", "b1", [9, 1], "kolors", "sd3"),
+             entry("a red square, midjourney", "r2", "g2", None, "midjourney", "midjourney"),  # no vote counts
+             entry("a red square again", "r3", "g3", [3, 1]),
+             entry("r0 loses here", "r4", "r0", [4, 6]),  # most votes against path1, which the card still prefers
+             entry("a pair by reference", "pickapic/u1.jpg", "pickapic/u2.jpg", None, "pickapic", "pickapic"),
+             entry("  ", "r4", "g0", [5, 5]),  # no caption
+             entry("odd votes", "r4", "g2", [1])]  # choice_dist is not two counts
+    with open(os.path.join(root, "train.json"), "w") as f:
+        json.dump(train, f)
+    test = [{k: v for k, v in entry(p, a, b, None).items() if k not in ("choice_dist", "confidence")}
+            for p, a, b in [("a red square", "x0", "x1"), ("another red square", "x2", "x1")]]
+    with open(os.path.join(root, "test.json"), "w") as f:
+        json.dump(test, f)
+    return root

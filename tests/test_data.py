@@ -394,10 +394,10 @@ def test_hpdv2_images_beside_the_json_and_bad_files(tmp_path):
     os.rename(os.path.join(root, "unpacked"), os.path.join(root, "train", "train"))
     assert len(public_data.load_pairs(root)) == 6
     (tmp_path / "other.json").write_text(json.dumps([{"caption": "x", "chosen": "a.png"}]))
-    with pytest.raises(SystemExit, match="other.json is not an HPDv2 annotation file: expected"):
+    with pytest.raises(SystemExit, match="other.json is not an annotation file of HPDv2, HPDv3 or ImageRewardDB: expected"):
         public_data.load_pairs(str(tmp_path / "other.json"))
     (tmp_path / "broken.json").write_text("[{")
-    with pytest.raises(SystemExit, match="cannot read HPDv2 annotations .*broken.json"):
+    with pytest.raises(SystemExit, match="cannot read the annotations .*broken.json"):
         public_data.load_singles(str(tmp_path / "broken.json"))
 
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 import filter_fifa
-from filter_fifa import expected_rating, knn_log_distance, main, preference_margin, select, zscore
+from filter_fifa import (combined_margin, expected_rating, human_margin, knn_log_distance, main, preference_margin,
+                         select, zscore)
 
 WORDS = "a an the red green blue yellow big small circle square triangle star dog cat tree sky photo of".split()
 FIFA_COLUMNS = ["fifa_reward_0", "fifa_reward_1", "fifa_margin", "fifa_quality", "fifa_diversity",
@@ -360,3 +361,156 @@ def test_hpdv2_pairs_scored_through_read_images_written_as_pickapic_or_jsonl(cli
     assert all(r0 >= r1 for r0, r1 in zip(a["fifa_reward_0"], a["fifa_reward_1"])) and a["label_0"] == [1.0] * 5
     with pytest.raises(SystemExit, match="as .parquet .* or .jsonl"):
         run(root, tmp_path / "o.csv", clip_dir, "none", *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# the human margin (--margin_source): vote shares instead of, or beside, the proxy reward
+
+def write_vote_pairs(folder, votes):
+    """A JSONL of pairs with chosen_votes / rejected_votes (None: a line without counts), random JPEGs."""
+    (folder / "img").mkdir(parents=True)
+    lines = []
+    for k, v in enumerate(votes):
+        for side in "ab":
+            (folder / "img" / f"{k}{side}.jpg").write_bytes(jpeg(100 + 2 * k + (side == "b")))
+        rec = {"caption": CAPTIONS[k % len(CAPTIONS)], "chosen": f"img/{k}a.jpg", "rejected": f"img/{k}b.jpg"}
+        lines.append(json.dumps(rec if v is None else dict(rec, chosen_votes=v[0], rejected_votes=v[1])))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "pairs.jsonl")
+
+
+def test_human_margin_is_the_log_odds_of_smoothed_vote_shares():
+    # s = 0.1 is 9 voters' empirical logit log((c + 1/2) / (r + 1/2)): 9-0 -> log 19, 7-2 -> log 3, 2-7 -> -log 3
+    m = human_margin(np.array([1.0, 7 / 9, 0.5, 2 / 9, np.nan]), 0.1)
+    np.testing.assert_allclose(m[:4], [math.log(19), math.log(3), 0.0, -math.log(3)], atol=1e-12)
+    assert math.isnan(m[4])  # no counts, no margin
+    assert human_margin([0.9], 0.0)[0] == pytest.approx(math.log(9))  # unsmoothed: logit(0.9) = log(0.9 / 0.1)
+    # both: z(proxy) + z(human) over the eligible pairs; pair 3 is not eligible, pair 4 has no counts (human term 0)
+    proxy, human = np.array([1.0, 2.0, 3.0, 10.0, 5.0]), np.array([0.0, 2.0, 1.0, 7.0, np.nan])
+    got = combined_margin(proxy, human, np.array([True, True, True, False, True]))
+    z_proxy = (np.array([1.0, 2.0, 3.0, 5.0]) - 2.75) / math.sqrt(2.1875)  # mean 2.75, variance 8.75 / 4
+    z_human = np.array([-1.0, 1.0, 0.0]) / math.sqrt(2 / 3)  # mean 1, variance 2 / 3
+    np.testing.assert_allclose(got, [*(z_proxy[:3] + z_human), 0.0, z_proxy[3]])
+
+
+def test_margin_source_on_jsonl_pairs_with_counts(tmp_path, monkeypatch):
+    """chosen_votes / rejected_votes (weights too) -> fb.vote_share -> the human margin; no proxy model is loaded."""
+    from public_data import load_pairs
+    from toy.palette import redness
+    path = write_vote_pairs(tmp_path / "votes", [(9, 0), (5, 4), (7, 2), (2, 7), None, (6.5, 2.5)])
+    np.testing.assert_allclose(load_pairs(path).vote_share, [1, 5 / 9, 7 / 9, 2 / 9, np.nan, 6.5 / 9])
+
+    def no_proxy(*a, **kw):
+        raise AssertionError("the proxy reward was loaded")
+    monkeypatch.setattr(filter_fifa, "load_clip", no_proxy)
+    monkeypatch.setattr(filter_fifa, "score_pairs", no_proxy)
+    args = ["--data", path, "--margin_source", "human", "--reward_model", str(tmp_path / "no_such_model"),
+            "--quality", "none", "--gamma", "0", "--max_per_prompt", "0"]
+    stats = main(args + ["--out", str(tmp_path / "top.parquet"), "--k", "3"])
+    assert (stats["pairs_in"], stats["no_votes"], stats["kept"], stats["pairs_scored"]) == (6, 1, 3, 0)
+    t = pq.read_table(tmp_path / "top.parquet").to_pydict()
+    np.testing.assert_allclose(t["fifa_vote_share"], [1, 7 / 9, 6.5 / 9])  # the three largest shares (input order)
+    np.testing.assert_allclose(t["fifa_margin"], human_margin(np.array(t["fifa_vote_share"])), rtol=1e-6)
+    assert t["fifa_reward_0"] == t["fifa_margin"] and t["fifa_reward_1"] == [0.0] * 3  # the votes' rewards: logit p~, 0
+    assert t["label_0"] == [1.0] * 3
+    # absolute: the 2-7 pair is relabelled by the voters' majority, its images swapped
+    stats = main(args + ["--out", str(tmp_path / "abs.jsonl"), "--k", "5", "--margin", "absolute"])
+    rows = {r["caption"]: r for r in map(json.loads, open(tmp_path / "abs.jsonl"))}
+    swapped = rows[CAPTIONS[3]]
+    assert swapped["chosen"] == "votes/img/3b.jpg" and swapped["fifa_relabelled"] and stats["relabelled"] == 1
+    assert swapped["fifa_vote_share"] == pytest.approx(7 / 9) and swapped["fifa_margin"] == pytest.approx(math.log(3))
+    # both: the toy's redness as the proxy; the pair without counts is eligible with the proxy's term alone
+    monkeypatch.undo()
+    both = args[:5] + ["toy.scorers:redness"] + args[6:]
+    both[3] = "both"
+    stats = main(both + ["--out", str(tmp_path / "both.jsonl"), "--k", "6"])
+    assert stats["kept"] == 6 and stats["pairs_scored"] == 6 and stats["no_votes"] == 1
+    rows = [json.loads(r) for r in open(tmp_path / "both.jsonl")]
+    for r in rows:  # the proxy margin of the written pair is redness(chosen) - redness(rejected)
+        red = [redness(Image.open(tmp_path / r[k])) for k in ("chosen", "rejected")]
+        assert r["fifa_reward_0"] - r["fifa_reward_1"] == pytest.approx(red[0] - red[1], abs=1e-5)
+    proxy = np.array([r["fifa_reward_0"] - r["fifa_reward_1"] for r in rows])
+    human = human_margin(np.array([np.nan if r["fifa_vote_share"] is None else r["fifa_vote_share"] for r in rows]))
+    want = combined_margin(proxy, human, np.ones(6, bool))
+    np.testing.assert_allclose([r["fifa_margin"] for r in rows], want, rtol=1e-5, atol=1e-6)
+
+
+def test_human_margin_on_hpdv3_vote_counts(tmp_path):
+    """HPDv3's choice_dist (read by public_data into fb.vote_share) ranks its pairs; the pair without counts is dropped."""
+    from conftest import write_hpdv3
+    from public_data import load_pairs
+    root = write_hpdv3(tmp_path / "HPDv3")
+    shares = load_pairs(root).vote_share
+    stats = main(["--data", root, "--out", str(tmp_path / "o.jsonl"), "--margin_source", "human", "--quality", "none",
+                  "--gamma", "0", "--max_per_prompt", "0", "--k", "3"])
+    assert stats["no_votes"] == int(np.isnan(shares).sum()) == 1 and stats["pairs_scored"] == 0
+    kept = [r["fifa_vote_share"] for r in map(json.loads, open(tmp_path / "o.jsonl"))]
+    np.testing.assert_allclose(sorted(kept), sorted(shares[~np.isnan(shares)])[-3:], rtol=1e-6)  # the 3 largest shares
+
+
+def test_rapidata_by_hub_id_keys_its_caches_by_the_downloaded_files(tmp_path, monkeypatch):
+    """A hub id is not a file: the caches are keyed by the parquet files it downloaded, so a rerun scores nothing and a
+    changed download scores again; Rapidata's weighted votes give the human term of --margin_source both."""
+    import huggingface_hub
+    from test_public_data import RAPIDATA_ROWS, write_rapidata
+    snapshot = tmp_path / "snapshot"
+    write_rapidata(str(snapshot / "data" / "train-00000-of-00001.parquet"), RAPIDATA_ROWS)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, repo_type, allow_patterns: str(snapshot))
+    args = ["--data", "Rapidata/some_t2i_human_preference", "--margin_source", "both", "--reward_model",
+            "toy.scorers:redness", "--quality", "none", "--gamma", "0", "--max_per_prompt", "0", "--k", "2",
+            "--cache_dir", str(tmp_path / "cache")]
+    stats = main(args + ["--out", str(tmp_path / "a.parquet")])
+    assert (stats["pairs_in"], stats["pairs_scored"], stats["kept"]) == (7, 3, 2)  # 7 rows, 3 usable pairs
+    shares = pq.read_table(tmp_path / "a.parquet")["fifa_vote_share"].to_pylist()
+    assert sorted(shares) == pytest.approx([0.75, 0.75])  # p2 and p7: the largest shares, and the red image wins both
+    assert main(args + ["--out", str(tmp_path / "b.parquet"), "--k", "3"])["pairs_scored"] == 0  # from the cache
+    write_rapidata(str(snapshot / "data" / "train-00000-of-00001.parquet"), RAPIDATA_ROWS[:2])  # the dataset changed
+    assert main(args + ["--out", str(tmp_path / "c.parquet")])["pairs_scored"] == 2
+
+
+def test_human_margin_asked_of_data_without_counts_is_one_clear_line(data, tmp_path):
+    from public_data import load_pairs
+    out = ["--out", str(tmp_path / "o.parquet"), "--quality", "none", "--gamma", "0"]
+    with pytest.raises(SystemExit, match=r"--margin_source human: .* has no vote counts \(Pick-a-Pic has one binary"):
+        main(["--data", data, "--margin_source", "human"] + out)
+    plain = write_vote_pairs(tmp_path / "plain", [None, None])
+    assert load_pairs(plain).vote_share is None
+    with pytest.raises(SystemExit, match=r"--margin_source both: .* has no vote counts \(no usable pair has any\)"):
+        main(["--data", plain, "--margin_source", "both"] + out)
+    with pytest.raises(SystemExit, match="pairs.jsonl:1: chosen_votes and rejected_votes must both be numbers >= 0"):
+        load_pairs(write_vote_pairs(tmp_path / "bad", [(3, -1)]))
+    with pytest.raises(SystemExit, match="--margin_source both needs --margin signed"):
+        main(["--data", plain, "--margin_source", "both", "--margin", "absolute"] + out)
+
+
+def test_toy_votes_follow_the_users_reward_and_leave_the_pairs_as_they_were(tmp_path):
+    """runs/toy_fifa_pairs.py --voters: graded votes under the labels' Bradley-Terry, the pairs unchanged by them."""
+    from public_data import load_pairs
+    from runs import toy_fifa_pairs
+    from toy import make_base
+    from toy.palette import redness
+    folder = tmp_path / "feedback" / "kto" / "disliked"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        image, caption = make_base.random_scene(rng)
+        image.save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(caption)
+    args = ["--feedback", str(tmp_path / "feedback"), "--random_k", "5"]
+    toy_fifa_pairs.main(args + ["--out", str(tmp_path / "plain" / "pairs.parquet")])
+    toy_fifa_pairs.main(args + ["--out", str(tmp_path / "votes" / "pairs.parquet"), "--voters", "400"])
+    for f in ("pairs.parquet", "pairs_random_5.parquet"):  # the votes change neither the pairs nor the subset
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "votes" / f).read_bytes()
+    jsonl = tmp_path / "votes" / "pairs_votes.jsonl"
+    t, rows = pq.read_table(tmp_path / "votes" / "pairs.parquet").to_pydict(), [json.loads(r) for r in open(jsonl)]
+    for i, r in enumerate(rows):  # the labelled winner as chosen, the parquet's own JPEG bytes
+        w = 0 if t["label_0"][i] == 1.0 else 1
+        assert (jsonl.parent / r["chosen"]).read_bytes() == t[f"jpg_{w}"][i]
+        assert (jsonl.parent / r["rejected"]).read_bytes() == t[f"jpg_{1 - w}"][i]
+        assert r["chosen_votes"] + r["rejected_votes"] == 400 and r["chosen_votes"] >= 1  # the labeller's vote
+    # 400 votes' share: P(the labelled image wins) = sigmoid((R(chosen) - R(rejected)) / T), T = 0.02
+    share = load_pairs(str(jsonl)).vote_share
+    margin = np.array([redness(Image.open(jsonl.parent / r[k])) for r in rows for k in ("chosen", "rejected")]).reshape(-1, 2)
+    p = 1 / (1 + np.exp(-(margin[:, 0] - margin[:, 1]) / 0.02))
+    assert np.abs(share - p).max() < 0.15 and np.corrcoef(share, p)[0, 1] > 0.95
+    assert (share < 0.5).any() and (share > 0.9).any()  # labels the crowd outvotes, and clear pairs

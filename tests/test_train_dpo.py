@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dpo
-from conftest import ROOT, run_killed_at, torchrun, write_hpdv2, write_pickapic
+from conftest import ROOT, run_killed_at, torchrun, write_hpdv2, write_hpdv3, write_pickapic
 
 
 def args_for(pipe, data, out, cache, *extra):
@@ -100,6 +100,16 @@ def test_one_step_on_hpdv2_counts_what_it_skips(tiny_pipe_dir, tmp_path, capsys)
     summary = next(line for line in printed.splitlines() if line.startswith("data: "))
     assert "5 pairs" in summary and "HPDv2 train" in summary  # 6 decided pairs, one with a corrupt image
     assert all(f"{reason}: 1" in summary for reason in ("tie", "missing file", "unreadable image", "entry with no caption"))
+    assert records(tmp_path / "out")[0]["loss"] == pytest.approx(0.693, abs=1e-3)  # policy = reference at step 1
+
+
+def test_one_step_on_hpdv3_counts_what_it_skips(tiny_pipe_dir, tmp_path, capsys):
+    data = write_hpdv3(tmp_path / "HPDv3", corrupt=True)  # train.json and images/, as its card lays them out
+    train_dpo.main(args_for(tiny_pipe_dir, data, tmp_path / "out", tmp_path / "cache", "--max_steps", "1"))
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data: "))
+    assert "4 pairs" in summary and "(HPDv3)" in summary  # 5 pairs with their images, one of them corrupt
+    assert all(f"{reason}: 1" in summary for reason in ("unreadable image", "entry with no caption", "HPDv3's archive)"))
+    assert "pairs with vote counts (choice_dist): 4" in summary
     assert records(tmp_path / "out")[0]["loss"] == pytest.approx(0.693, abs=1e-3)  # policy = reference at step 1
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import common
 import train_kto
-from conftest import COLORS, ROOT, run_killed_at, torchrun, write_hpdv2
+from conftest import COLORS, ROOT, run_killed_at, torchrun, write_hpdv2, write_hpdv3
 from losses import add_noise_and_target, kto_loss, kto_reference_point, per_sample_error
 
 
@@ -146,13 +146,18 @@ def test_class_metrics_survive_steps_without_that_class(tiny_pipe_dir, likes, tm
         assert math.isfinite(rec[key]), key
 
 
-def test_one_step_on_hpdv2_labels_its_images(tiny_pipe_dir, tmp_path, capsys):
-    data = write_hpdv2(tmp_path / "HPDv2", corrupt=True)
+@pytest.mark.parametrize("write, expected", [
+    # HPDv2, 12 images: 5 preferred at least once, one of them (r3) corrupt; 2 only ever tied
+    (write_hpdv2, ["11 images", "4 desirable, 7 undesirable", "unreadable image: 1",
+                   "images only ever tied, labelled undesirable: 2", "pair with a missing file: 1"]),
+    # HPDv3, 9 images: 5 preferred at least once (path1 of a pair), one of them (r3) corrupt; 4 never preferred
+    (write_hpdv3, ["8 images", "4 desirable, 4 undesirable", "unreadable image: 1",
+                   "pair with a missing file outside images/", "policy at_least_once"])], ids=["hpdv2", "hpdv3"])
+def test_one_step_on_public_pairs_labels_their_images(write, expected, tiny_pipe_dir, tmp_path, capsys):
+    data = write(tmp_path / "data", corrupt=True)
     train_kto.main(args_for(tiny_pipe_dir, data, tmp_path / "out", tmp_path / "cache", "--max_steps", "1"))
     summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data: "))
-    # 12 images: 5 preferred at least once, one of them (r3) corrupt; 2 only ever tied
-    assert "11 images" in summary and "4 desirable, 7 undesirable" in summary and "unreadable image: 1" in summary
-    assert "images only ever tied, labelled undesirable: 2" in summary and "pair with a missing file: 1" in summary
+    assert all(part in summary for part in expected), summary
     assert len(records(tmp_path / "out")) == 1
 
 

@@ -22,7 +22,8 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: tools/..
-from filter_fifa import index_prompts, knn_log_distance, select
+from data import index_prompts
+from filter_fifa import knn_log_distance, select
 
 
 def peak_gb():
