@@ -93,6 +93,15 @@ class Feedback:
 # ------------------------------------------------------------------------------------------------
 # pairs: a JSONL of {"caption", "chosen", "rejected"} image paths (the public datasets: public_readers.py)
 
+def share_of_votes(votes):
+    """[votes for image A, votes for image B] (counts, or vote weights) -> A's share of them; None unless they are two
+    numbers >= 0 with a positive sum (a NaN fails). HPDv3's choice_dist, Rapidata's weights, JSONL vote counts."""
+    if not (isinstance(votes, (list, tuple)) and len(votes) == 2 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in votes) and sum(votes) > 0):
+        return None
+    return votes[0] / sum(votes)
+
+
 def load_pairs_jsonl(path):
     """One JSON object a line: {"caption": str, "chosen": image path, "rejected": image path}; paths
     relative to the JSONL file's folder. The simple format for a user's own pairs.
@@ -114,7 +123,8 @@ def load_pairs_jsonl(path):
             except (ValueError, KeyError, TypeError) as e:
                 fail(f"{path}:{n}: expected a JSON object with caption, chosen, rejected ({e})")
             votes = [rec.get("chosen_votes"), rec.get("rejected_votes")]
-            if votes != [None, None] and not (all(isinstance(v, (int, float)) and v >= 0 for v in votes) and sum(votes) > 0):
+            counted = votes != [None, None]
+            if counted and share_of_votes(votes) is None:
                 fail(f"{path}:{n}: chosen_votes and rejected_votes must both be numbers >= 0, not both 0 (got {votes})")
             if not caption or not str(caption).strip():
                 fb.skip("no caption"); continue
@@ -126,7 +136,7 @@ def load_pairs_jsonl(path):
             ids = [img_id.setdefault(p, len(img_id)) for p in paths]
             cap.append(cap_id.setdefault(caption, len(cap_id)))
             win.append(ids[0]); lose.append(ids[1])
-            share.append(votes[0] / sum(votes) if votes != [None, None] else np.nan)
+            share.append(share_of_votes(votes) if counted else np.nan)
     fb.captions, fb.paths = list(cap_id), list(img_id)
     fb.caption_idx, fb.winner, fb.loser = np.array(cap, np.int64), np.array(win, np.int64), np.array(lose, np.int64)
     if not np.isnan(share).all():  # (an empty list is all NaN too: no counts, no vote_share)

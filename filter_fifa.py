@@ -73,8 +73,8 @@ from common import PRECISIONS, resolve_precision
 from files import (atomic_path, fail, file_identity, model_identity, one_line, read_chunks, save_chunk,
                    save_safetensors, short_hash)
 from data import feedback_pair_images, index_prompts, pickapic_pair_images
-from public_data import (hpdv2_file, imagerewarddb_files, load_pairs, pairs_format, pairs_identity, parquet_files,
-                         read_pickapic, write_pairs, write_pickapic_subset)
+from public_data import (check_pairs_out, hpdv2_file, imagerewarddb_files, load_pairs, pairs_format, pairs_identity,
+                         parquet_files, read_pickapic, write_pairs, write_pickapic_subset)
 from scorers import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, clip_image_embeddings, clip_text_embeddings, is_function, load_clip, load_function
 
 CHUNK_ROWS = 1024  # pairs (or prompts) per cache file: the most scoring work an interruption can lose
@@ -425,9 +425,8 @@ def read_pairs(data, out):
         tie = (l0 == 0.5) & (l1 == 0.5)
         pair_chunks, data_key = pickapic_pair_images(files, groups, CHUNK_ROWS), [file_identity(f) for f in files]
     else:  # HPDv2/v3, ImageRewardDB, Rapidata, JSONL: the reader drops and counts ties, missing files, no captions
-        if os.path.splitext(out)[1].lower() not in (".parquet", ".jsonl"):
-            fail(f"--out {out}: write the subset of {data} as .parquet (Pick-a-Pic schema) or .jsonl (pairs)")
         fb = load_pairs(data)  # then the files read (a hub id's parquet files, not its name) key the caches with the pairs
+        check_pairs_out(fb, out)  # before any scoring: the subset must be writable where --out asks
         files = (parquet_files(data) if fmt == "rapidata" else imagerewarddb_files(data) if fmt == "imagerewarddb"
                  else [hpdv2_file(data) or data])
         n, prompts, pid = len(fb), list(fb.captions), fb.caption_idx.copy()

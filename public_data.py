@@ -141,6 +141,18 @@ def jpeg_bytes(fb, i, image=None):
     return buf.getvalue()
 
 
+def check_pairs_out(fb, out):
+    """The kind of file write_pairs writes fb's pairs to at `out` (".parquet" or ".jsonl"), or one line why it cannot;
+    callers with hours of work before the write (filter_fifa.py) check it first."""
+    kind = os.path.splitext(out)[1].lower()
+    if kind not in (".parquet", ".jsonl"):
+        fail(f"--out {out}: write pairs to a .parquet file or a .jsonl file (saved as .parquet in the Pick-a-Pic schema, "
+             "or .jsonl of image paths)")
+    if kind == ".jsonl" and fb.paths is None:
+        fail(f"--out {out}: a JSONL names image files, and these images are inside parquet files; write .parquet")
+    return kind
+
+
 def write_pairs(fb, rows, out, columns=None, batch_rows=1024):
     """Pairs `rows` of fb (winner first) to `out`, written whole or not at all (files.atomic_path):
     - .parquet in the Pick-a-Pic v2 schema: caption, jpg_0 (the preferred image's JPEG bytes), jpg_1, label_0 1.0,
@@ -150,11 +162,7 @@ def write_pairs(fb, rows, out, columns=None, batch_rows=1024):
     import pyarrow as pa
     import pyarrow.parquet as pq
     columns, rows = columns or {}, np.asarray(rows, np.int64)
-    kind = os.path.splitext(out)[1].lower()
-    if kind not in (".parquet", ".jsonl"):
-        fail(f"--out {out}: write pairs to a .parquet file (Pick-a-Pic schema) or a .jsonl file")
-    if kind == ".jsonl" and fb.paths is None:
-        fail(f"--out {out}: a JSONL names image files, and these images are inside parquet files; write .parquet")
+    kind = check_pairs_out(fb, out)
     uid = lambda i: fb.paths[i] if fb.paths is not None else fb.describe_image(i)
     plain = lambda v: v.item() if hasattr(v, "item") else v  # numpy scalars -> Python numbers for JSON
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

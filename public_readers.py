@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from files import fail, one_line
-from data import Feedback, singles_from_entries, skip_unknown
+from data import Feedback, share_of_votes, singles_from_entries, skip_unknown
 
 GET_DATA = ("options: a local copy (a file or folder), a mirror in the same schema (its hub id), or another "
             "supported dataset such as HPDv2 (README, 'Where to get preference data')")
@@ -388,10 +388,9 @@ def hpdv3_comparisons(path, entries):
         if p1 == p2:
             fb.skip("tie (same image twice)"); continue
         votes = e.get("choice_dist")
-        if votes is not None and not (isinstance(votes, list) and len(votes) == 2 and
-                                      all(isinstance(v, (int, float)) and v >= 0 for v in votes) and sum(votes) > 0):
+        share = np.nan if votes is None else share_of_votes(votes)
+        if share is None:
             bad_votes.append(votes); continue
-        share = np.nan if votes is None else votes[0] / sum(votes)
         a, b = os.path.join(root, p1), os.path.join(root, p2)
         comparisons.append((caption.strip(), a, a, b, b, 0))
         shares.append(share)
@@ -545,11 +544,12 @@ def rapidata_comparisons(path):
     for (fi, r), caption, w1, w2 in zip(parquet_rows(files, groups), *table.to_pydict().values()):
         if not caption or not str(caption).strip():
             fb.skip("no caption"); continue
-        if w1 is None or w2 is None or not (w1 >= 0 and w2 >= 0 and w1 + w2 > 0):  # (NaN fails every comparison)
+        share = share_of_votes([w1, w2])
+        if share is None:
             fb.skip("no weighted preference result for both images"); continue
         refs = (fi, r, 0), (fi, r, 1)  # without image ids every image is its own
         comparisons.append((str(caption).strip(), refs[0], refs[0], refs[1], refs[1], 2 if w1 == w2 else 0 if w1 > w2 else 1))
-        shares.append(w1 / (w1 + w2))
+        shares.append(share)
     return fb, comparisons, shares
 
 

@@ -459,6 +459,9 @@ def test_rapidata_by_hub_id_keys_its_caches_by_the_downloaded_files(tmp_path, mo
     args = ["--data", "Rapidata/some_t2i_human_preference", "--margin_source", "both", "--reward_model",
             "toy.scorers:redness", "--quality", "none", "--gamma", "0", "--max_per_prompt", "0", "--k", "2",
             "--cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match="inside parquet files; write .parquet"):  # before any scoring: no cache yet
+        main(args + ["--out", str(tmp_path / "a.jsonl")])
+    assert not (tmp_path / "cache").exists()
     stats = main(args + ["--out", str(tmp_path / "a.parquet")])
     assert (stats["pairs_in"], stats["pairs_scored"], stats["kept"]) == (7, 3, 2)  # 7 rows, 3 usable pairs
     shares = pq.read_table(tmp_path / "a.parquet")["fifa_vote_share"].to_pylist()
